@@ -1,0 +1,50 @@
+# Every target explains itself: `make help`.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PY := .venv/bin/python
+RUN ?= outputs/train/latest
+EXPORT ?= artifacts/model
+TRAIN_ARGS ?=
+
+.PHONY: help setup setup-dev all data train export evaluate lint test test-fast bench-training clean
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
+
+setup:  ## venv + requirements, Java 17, Fashion-MNIST Debian package (idempotent)
+	scripts/setup.sh
+
+setup-dev:  ## setup plus the real servers the tests use (nginx, prometheus, ab, docker)
+	scripts/setup.sh --dev
+
+all: setup  ## THE MAIN JOB: setup, then data -> train -> export -> evaluate -> archive -> serve -> predict
+	scripts/main.sh
+
+data:  ## verify Fashion-MNIST and write data/processed/ (+ manifest)
+	$(PY) -m training.data
+
+train: data  ## train with the default config (override: make train TRAIN_ARGS="experiment=accurate")
+	$(PY) -m training.train $(TRAIN_ARGS)
+
+export:  ## TorchScript + model_meta.json from $(RUN) into $(EXPORT), with parity checks
+	$(PY) -m training.export --run $(RUN) --out $(EXPORT)
+
+evaluate:  ## test-set report and confusion matrix into reports/
+	$(PY) -m training.evaluate --model-dir $(EXPORT) --out reports
+
+lint:  ## ruff check + ruff format --check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage
+	$(MAKE) --no-print-directory lint
+	$(PY) -m pytest --cov=model --cov=training --cov-report=term-missing --cov-fail-under=85
+
+test-fast:  ## unit tests only (no JVM, no docker), for quick iteration
+	$(PY) -m pytest -m "not serving and not container"
+
+bench-training:  ## measure default + accurate training; writes docs/training.md
+	$(PY) scripts/bench_training.py
+
+clean:  ## remove generated outputs (keeps .venv and data/)
+	rm -rf outputs artifacts model_store reports logs .serve build .pytest_cache .coverage

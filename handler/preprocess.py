@@ -1,0 +1,174 @@
+"""The one preprocessing path: image bytes or PIL image -> normalised model input.
+
+Training, offline evaluation, export checks and the TorchServe handler all call
+these functions, and the parameters (`PreprocessSpec`) travel inside the exported
+`model_meta.json`, so the server sees exactly what the model was tested on.
+
+This module ships inside the `.mar` (as `handler/preprocess.py`), so it depends
+only on torch, numpy and Pillow.
+
+    >>> spec = PreprocessSpec.from_meta(json.load(open("artifacts/model/model_meta.json")))
+    >>> x = preprocess(open("shirt.png", "rb").read(), spec)   # (1, 28, 28) float32
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Fashion-MNIST training-set pixel statistics (x / 255). Export recomputes and
+# records the real values; these are only the defaults for a fresh spec.
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+
+
+class InputError(ValueError):
+    """Bad client input. `status` is the HTTP code the server answers with."""
+
+    status = 400
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.error = error
+        self.detail = detail
+
+    def to_json(self) -> dict[str, str]:
+        return {"error": self.error, "detail": self.detail}
+
+
+class ImageTooLarge(InputError):
+    """The image declares more pixels than the limit (decompression-bomb guard)."""
+
+    status = 413
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything needed to turn an image into model input. Stored in model_meta.json."""
+
+    height: int = 28
+    width: int = 28
+    mean: float = FASHION_MNIST_MEAN
+    std: float = FASHION_MNIST_STD
+    # Fashion-MNIST is light garments on a black background, so transparent
+    # pixels are composited onto black to look like the training data.
+    background: int = 0
+    # Pixel-count limit checked from the header, before any pixel is decoded.
+    max_pixels: int = 40_000_000
+    resample: str = "bilinear"
+    color_mode: str = field(default="L", init=False)
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [1, self.height, self.width]
+
+    def to_meta(self) -> dict[str, Any]:
+        meta = asdict(self)
+        meta["input_shape"] = self.input_shape
+        return meta
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> PreprocessSpec:
+        """Build from a full model_meta.json dict or from its `preprocess` section."""
+        section = meta.get("preprocess", meta)
+        keys = {"height", "width", "mean", "std", "background", "max_pixels", "resample"}
+        missing = {"height", "width", "mean", "std"} - section.keys()
+        if missing:
+            raise KeyError(
+                f"model metadata lacks preprocess fields {sorted(missing)}; "
+                "re-export the model with `python -m training.export`"
+            )
+        return cls(**{k: section[k] for k in keys if k in section})
+
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
+
+
+def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
+    """Decode bytes into a loaded PIL image, refusing bombs before decoding pixels.
+
+    Raises InputError (400) for anything that is not a readable image and
+    ImageTooLarge (413) when the header declares more than `spec.max_pixels`.
+    """
+    if not data:
+        raise InputError("empty_body", "the request carried no image bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning fires at a lower limit than ours; the
+            # explicit check below is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > spec.max_pixels:
+                raise ImageTooLarge(
+                    "image_too_large",
+                    f"{width}x{height} = {width * height} pixels exceeds the limit of "
+                    f"{spec.max_pixels}; downscale the image before sending it",
+                )
+            if width == 0 or height == 0:
+                raise InputError("empty_image", f"the image has zero area ({width}x{height})")
+            img.seek(0)  # animated formats: classify the first frame
+            img.load()
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge("image_too_large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(
+            "unsupported_image",
+            "the body is not an image in a format Pillow can read "
+            "(PNG, JPEG, BMP, GIF, WebP and TIFF are supported)",
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        # Pillow reports truncated or corrupt files through these.
+        raise InputError("corrupt_image", f"the image could not be decoded: {exc}") from exc
+    return img
+
+
+def to_grayscale(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """Convert any mode (16-bit, palette, RGBA, CMYK, ...) to 8-bit L, EXIF-upright."""
+    # A malformed EXIF block must not cost the prediction: keep the stored orientation.
+    with contextlib.suppress(OSError, ValueError, SyntaxError, TypeError, KeyError):
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (spec.background,) * 3 + (255,))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("L")
+
+
+def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Grayscale, resize to the model's size: (H, W) uint8, as in the training data."""
+    gray = to_grayscale(img, spec)
+    if gray.size != (spec.width, spec.height):
+        gray = gray.resize((spec.width, spec.height), _RESAMPLE[spec.resample])
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 pixels (..., H, W) -> float32 (..., 1, H, W) normalised with the spec.
+
+    Training feeds whole uint8 batches (N, H, W) through this same function.
+    """
+    x = pixels.to(torch.float32).div_(255.0).sub_(spec.mean).div_(spec.std)
+    return x.unsqueeze(-3)
+
+
+def preprocess(image: bytes | Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """Bytes or PIL image -> float32 tensor of shape (1, H, W)."""
+    img = decode_image(image, spec) if isinstance(image, (bytes, bytearray)) else image
+    return normalize(torch.from_numpy(image_to_array(img, spec).copy()), spec)

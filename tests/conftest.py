@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny generated IDX data, the real Fashion-MNIST, and a small trained export.
+
+The expensive fixtures are session-scoped and built once: `real_data_root` (the Debian
+package's files, processed into a temp dir), `export_dir` (a briefly trained real model,
+exported with the project's own export step) and `mar_file` (archived with the project's
+own archive step).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from training import data as data_mod
+from training.config import register_configs
+from training.train import CONFIG_DIR
+
+register_configs()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as an IDX file (what Fashion-MNIST ships)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_set(
+    directory: Path, n_train: int = 240, n_test: int = 60, seed: int = 0
+) -> dict[str, tuple[str, str]]:
+    """Write the four *-ubyte.gz files with learnable synthetic images; return their md5 map.
+
+    Each class is a bright horizontal band at a class-specific row, so even a few
+    training steps learn it.
+    """
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label : 4 + 2 * label, 4:24] = 230
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            name = f"{prefix}-{kind}-ubyte.gz"
+            raw = idx_bytes(array)
+            blob = gzip.compress(raw, mtime=0)
+            (directory / name).write_bytes(blob)
+            checksums[name] = (hashlib.md5(blob).hexdigest(), hashlib.md5(raw).hexdigest())
+    return checksums
+
+
+@pytest.fixture
+def idx_dir(tmp_path: Path) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """A flat directory of tiny synthetic IDX files and their checksums."""
+    raw = tmp_path / "raw"
+    return raw, write_idx_set(raw)
+
+
+@pytest.fixture
+def tiny_data_root(tmp_path: Path, idx_dir) -> Path:
+    """Processed splits of the tiny synthetic set (60 val, 180 train, 60 test)."""
+    raw, sums = idx_dir
+    root = tmp_path / "data"
+    data_mod.prepare(root, raw, val_size=60, seed=0, allow_download=False, checksums=sums)
+    return root
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    """Compose configs/train.yaml with overrides, as the CLI would."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose("train", overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def real_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Fashion-MNIST (Debian package), processed into a temp dir."""
+    if data_mod.find_raw_dir(data_mod.DEBIAN_DIR) is None:
+        pytest.fail(
+            f"{data_mod.DEBIAN_DIR} is empty: run `scripts/setup.sh` (installs dataset-fashion-mnist)"
+        )
+    root = tmp_path_factory.mktemp("fmnist")
+    data_mod.prepare(root, None, allow_download=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, real_data_root: Path) -> Path:
+    """A real model briefly trained on the real data (~85% accuracy): enough to test serving parity."""
+    from training.train import train
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"data.root={real_data_root}",
+                "model.width=16",
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=120",
+                "trainer.limit_val_batches=2",
+                "trainer.progress_bar=false",
+                "logger=csv",
+            ],
+        )
+    run = tmp_path_factory.mktemp("run") / "run"
+    train(cfg, run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, real_data_root: Path) -> Path:
+    """The project's own export of `trained_run`: model.pt, model_meta.json, index_to_name.json."""
+    from training.export import export
+
+    out = tmp_path_factory.mktemp("export") / "model"
+    export(trained_run, out, version="1.0", data_root=real_data_root)
+    return out

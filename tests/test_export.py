@@ -1,0 +1,124 @@
+"""training.export and training.evaluate on a briefly trained real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from handler.preprocess import PreprocessSpec
+from training import export as export_mod
+from training.data import CLASSES, load_split
+from training.evaluate import (
+    classification_report,
+    evaluate,
+    load_exported,
+    predict_logits,
+    preprocess_images,
+)
+from training.export import META_FIELDS, ExportError, check_parity, export
+
+
+def test_meta_has_every_field(export_dir: Path) -> None:
+    meta = json.loads((export_dir / "model_meta.json").read_text())
+    missing = [f for f in META_FIELDS if f not in meta]
+    assert not missing, f"model_meta.json lacks {missing}"
+    assert meta["classes"] == CLASSES
+    assert meta["preprocess"]["input_shape"] == [1, 28, 28]
+    assert meta["config_hash"].startswith("sha256:") and len(meta["config_hash"]) == 71
+    assert 0.5 < meta["metrics"]["test_accuracy"] <= 1.0, "a trained model beats chance by far"
+    stats = meta["reference_stats"]
+    assert np.array(stats["pixel_mean"]).shape == (28, 28) and np.array(stats["pixel_std"]).shape == (28, 28)
+    assert sum(stats["brightness_hist"]["counts"]) == stats["num_images"] == 55000
+    assert PreprocessSpec.from_meta(meta) == PreprocessSpec.from_meta(meta["preprocess"])
+
+
+def test_index_to_name_matches_classes(export_dir: Path) -> None:
+    mapping = json.loads((export_dir / "index_to_name.json").read_text())
+    assert [mapping[str(i)] for i in range(len(CLASSES))] == CLASSES
+
+
+def test_exported_file_is_not_frozen_and_loads(export_dir: Path) -> None:
+    """Unfrozen so other torch versions can load it; freezing happens after loading."""
+    raw = torch.jit.load(str(export_dir / "model.pt"))
+    assert any(True for _ in raw.parameters()), "a frozen module has no parameters left"
+    frozen, _ = load_exported(export_dir)
+    assert not any(True for _ in frozen.parameters())
+
+
+def test_served_path_matches_export_accuracy(export_dir: Path, real_data_root: Path, tmp_path: Path) -> None:
+    """evaluate() goes through the serving preprocess: same accuracy as export's tensor path."""
+    report = evaluate(export_dir, real_data_root, tmp_path, progress=False)
+    meta = json.loads((export_dir / "model_meta.json").read_text())
+    assert report["accuracy"] == pytest.approx(meta["metrics"]["test_accuracy"], abs=1e-9)
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved["per_class"]) == set(CLASSES) and saved["num_examples"] == 10_000
+
+
+def test_parity_check_fails_loudly_on_a_mismatch(export_dir: Path, real_data_root: Path) -> None:
+    model, meta = load_exported(export_dir)
+    x = preprocess_images(load_split(real_data_root, "test").images[:64], PreprocessSpec.from_meta(meta))
+
+    class Shifted(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return model(t) + torch.linspace(0, 5, 10)
+
+    with pytest.raises(ExportError, match="differs from the eager model"):
+        check_parity(model, Shifted(), x)
+
+
+def test_class_mismatch_is_caught_even_when_close(export_dir: Path, real_data_root: Path) -> None:
+    model, meta = load_exported(export_dir)
+    x = preprocess_images(load_split(real_data_root, "test").images[:300], PreprocessSpec.from_meta(meta))
+
+    class FlipsOne(torch.nn.Module):  # identical on the first batch, different later
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            out = model(t)
+            if len(t) != 256:
+                out[0] = -out[0]
+            return out
+
+    with pytest.raises(ExportError, match="different class"):
+        check_parity(model, FlipsOne(), x)
+
+
+def test_export_without_a_run_names_the_command(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="python -m training.train"):
+        export(tmp_path / "missing", tmp_path / "out")
+
+
+def test_export_cli_failure_keeps_previous_export(tmp_path: Path, export_dir: Path, capsys) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"previous")
+    assert export_mod.main(["--run", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert (out / "model.pt").read_bytes() == b"previous"
+
+
+def test_classification_report_counts() -> None:
+    preds = np.array([0, 1, 1, 2])
+    labels = np.array([0, 1, 2, 2])
+    report = classification_report(preds, labels, ["a", "b", "c"])
+    assert report["accuracy"] == 0.75
+    assert report["per_class"]["b"] == {"precision": 0.5, "recall": 1.0, "support": 1}
+    assert report["confusion_matrix"][2] == [0, 1, 1]
+
+
+def test_predict_logits_batches_like_one_pass(export_dir: Path) -> None:
+    model, _ = load_exported(export_dir)
+    x = torch.randn(50, 1, 28, 28)
+    torch.testing.assert_close(
+        predict_logits(model, x, batch_size=7), predict_logits(model, x, batch_size=50)
+    )
+
+
+def test_evaluate_cli_without_export_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    from training import evaluate as evaluate_mod
+
+    assert evaluate_mod.main(["--model-dir", str(tmp_path / "none")]) == 2
+    assert "python -m training.export" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""training.train and configs/: composition, a smoke run's outputs, reproducibility, augmentation."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from training.train import CONFIG_DIR, augment, train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+SMOKE = ("experiment=smoke", "trainer.progress_bar=false")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(compose_cfg, experiment: str) -> None:
+    cfg = compose_cfg(f"experiment={experiment}")
+    assert cfg.trainer.max_epochs >= 1 and cfg.model.width >= 1
+
+
+def test_typed_schema_rejects_a_wrong_type(compose_cfg) -> None:
+    with pytest.raises(Exception, match="model.width"):
+        compose_cfg("model.width=wide")
+
+
+def test_overrides_apply(compose_cfg) -> None:
+    cfg = compose_cfg("trainer.max_epochs=3", "model.width=48", "data.augment=true")
+    assert (cfg.trainer.max_epochs, cfg.model.width, cfg.data.augment) == (3, 48, True)
+
+
+def test_smoke_run_writes_checkpoint_metrics_config_and_wandb(compose_cfg, tiny_data_root, tmp_path) -> None:
+    cfg = compose_cfg(*SMOKE, f"data.root={tiny_data_root}", "logger.wandb=true", "data.batch_size=16")
+    run = tmp_path / "run"
+    summary = train(cfg, run)
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert any(r.get("val/acc") for r in rows), "metrics.csv has no validation accuracy"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(tiny_data_root) and saved["seed"] == cfg.seed
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert offline_runs, "expected an offline W&B run directory"
+    assert (tmp_path / "latest").resolve() == run.resolve()
+    assert 0.0 <= summary["best_val_acc"] <= 1.0
+
+
+def test_same_seed_same_validation_accuracy(compose_cfg, tiny_data_root, tmp_path) -> None:
+    cfg = compose_cfg(*SMOKE, f"data.root={tiny_data_root}", "data.batch_size=16", "data.augment=true")
+    a = train(cfg, tmp_path / "a")["best_val_acc"]
+    b = train(cfg, tmp_path / "b")["best_val_acc"]
+    assert a == b
+    wa = torch.load(tmp_path / "a/checkpoints/best.ckpt", weights_only=False)["state_dict"]
+    wb = torch.load(tmp_path / "b/checkpoints/best.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same seed must give identical weights"
+
+
+def test_augment_keeps_shape_dtype_and_pixel_values() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    y = augment(x, max_shift=2)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert set(y.unique().tolist()) <= set(x.unique().tolist()) | {0}
+    assert not torch.equal(x, y), "augmentation changed nothing"
+
+
+def test_augment_without_shift_only_flips() -> None:
+    x = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    y = augment(x, max_shift=0)
+    assert all(torch.equal(a, b) or torch.equal(a.flip(-1), b) for a, b in zip(x, y, strict=True))
+
+
+def test_cli_run_with_overrides(tiny_data_root, tmp_path) -> None:
+    """The real Hydra CLI: overrides apply and the run dir holds the resolved config."""
+    root = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", *SMOKE, f"data.root={tiny_data_root}", f"run_root={root}",
+         "trainer.max_epochs=2", "data.batch_size=16"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = yaml.safe_load((root / "latest" / "config.yaml").read_text())
+    assert saved["trainer"]["max_epochs"] == 2
+    assert (root / "latest" / ".hydra" / "overrides.yaml").is_file()
+    assert "next:       python -m training.export" in proc.stdout
+
+
+def test_cli_missing_data_is_a_clear_error(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", *SMOKE, f"data.root={tmp_path}/d",
+         f"data.source_dir={tmp_path}/none", f"run_root={tmp_path}/runs"],
+        capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "FASHION_MNIST_DEBIAN_DIR": str(tmp_path / "nodeb")},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Fashion-MNIST not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,1 @@
+"""Data, training, evaluation and export for the Fashion-MNIST classifier."""

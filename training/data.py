@@ -1,0 +1,326 @@
+"""Fashion-MNIST: find the raw IDX files, verify them, split, and write tensors under data/.
+
+    python -m training.data                         # Debian package, else torchvision download
+    python -m training.data --source-dir ~/fmnist   # your own copy (flat or torchvision layout)
+    python -m training.data --out data --val-size 5000 --seed 0
+
+Sources are tried in order: an explicit directory, the Debian package
+`dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), then torchvision's
+download. Every file is checked against the published md5. Outputs are written
+atomically (temp file + rename) and a manifest records source, checksums and counts;
+a second run with the same inputs is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+# md5 of each file: (the .gz as published upstream, the decompressed IDX payload).
+# Debian's dataset-fashion-mnist re-gzips the upstream files (the gzip header loses its
+# file name and mtime), so its .gz sums differ while the IDX payload is byte-identical;
+# a file is accepted when either sum matches.
+MD5 = {
+    "train-images-idx3-ubyte.gz": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+    "train-labels-idx1-ubyte.gz": ("25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
+    "t10k-images-idx3-ubyte.gz": ("bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
+    "t10k-labels-idx1-ubyte.gz": ("bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
+}
+# Where Debian's package puts the files; the variable points elsewhere (or nowhere) if needed.
+DEBIAN_DIR = Path(os.environ.get("FASHION_MNIST_DEBIAN_DIR", "/usr/share/datasets/fashion-mnist"))
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+
+class DataError(RuntimeError):
+    """The data could not be found or failed verification. The message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # (N, 28, 28) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _md5(chunks: Iterable[bytes]) -> str:
+    digest = hashlib.md5()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_chunks(fh: BinaryIO) -> Iterable[bytes]:
+    return iter(lambda: fh.read(1 << 20), b"")
+
+
+def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse an IDX file (uncompressed bytes): big-endian magic, dims, then uint8 data."""
+    if len(raw) < 4:
+        raise DataError(f"{name}: too short to be an IDX file ({len(raw)} bytes)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+        raise DataError(f"{name}: not a uint8 IDX file (magic {raw[:4].hex()})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{name}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{name}: truncated or padded: header declares {dims} ({expected} bytes), "
+            f"file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _candidate_dirs(root: Path) -> list[Path]:
+    # Flat (Debian, the original repo) and torchvision's <root>/FashionMNIST/raw layout.
+    return [root, root / "FashionMNIST" / "raw"]
+
+
+def find_raw_dir(root: Path) -> Path | None:
+    """The directory under `root` that holds all four .gz files, or None."""
+    for cand in _candidate_dirs(root):
+        if all((cand / name).is_file() for name in MD5):
+            return cand
+    return None
+
+
+def verify(raw_dir: Path, checksums: Mapping[str, tuple[str, str]] = MD5) -> dict[str, str]:
+    """Check every file's md5 (gzip or payload); raise DataError naming the first bad file."""
+    sums = {}
+    for name, (gz_md5, idx_md5) in checksums.items():
+        path = raw_dir / name
+        with open(path, "rb") as fh:
+            actual = _md5(_read_chunks(fh))
+        if actual != gz_md5:
+            try:
+                with gzip.open(path, "rb") as fh:
+                    actual = _md5(_read_chunks(fh))
+            except (OSError, EOFError) as exc:
+                raise DataError(
+                    f"{path}: not a valid gzip file ({exc}); delete it and fetch it again"
+                ) from exc
+            if actual != idx_md5:
+                raise DataError(
+                    f"checksum mismatch for {path}: md5 {actual}, expected {gz_md5} (gzip) or "
+                    f"{idx_md5} (payload). The file is corrupt or not Fashion-MNIST; delete it and fetch "
+                    f"it again (apt-get install --reinstall {DEBIAN_PACKAGE}, or re-download)."
+                )
+        sums[name] = actual
+    return sums
+
+
+def download(root: Path) -> Path:
+    """torchvision's downloader, for machines with internet. Returns the raw dir."""
+    try:
+        from torchvision.datasets import FashionMNIST
+    except ImportError as exc:  # pragma: no cover - torchvision is pinned in requirements.txt
+        raise DataError("torchvision is not installed; run `make setup`") from exc
+    for train in (True, False):
+        FashionMNIST(str(root), train=train, download=True)
+    return root / "FashionMNIST" / "raw"
+
+
+def locate(
+    source_dir: Path | None,
+    debian_dir: Path | None = None,
+    allow_download: bool = True,
+    download_root: Path = Path("data/raw"),
+) -> tuple[Path, str]:
+    """Return (raw_dir, source_name) from the first source that has all four files."""
+    tried: list[str] = []
+    debian_dir = DEBIAN_DIR if debian_dir is None else debian_dir
+    if source_dir is not None:
+        found = find_raw_dir(source_dir)
+        if found:
+            return found, f"directory {source_dir}"
+        tried.append(f"--source-dir {source_dir}: the four *-ubyte.gz files are not there")
+    found = find_raw_dir(debian_dir)
+    if found:
+        return found, f"Debian package {DEBIAN_PACKAGE}"
+    tried.append(f"{debian_dir}: not installed")
+    if allow_download:
+        found = find_raw_dir(download_root)
+        if found:
+            return found, f"earlier download in {download_root}"
+        try:
+            return download(download_root), "torchvision download"
+        except Exception as exc:  # any network/IO failure: report it with the others
+            tried.append(f"torchvision download into {download_root}: {type(exc).__name__}: {exc}")
+    else:
+        tried.append("download: disabled (--no-download)")
+    raise DataError(
+        "Fashion-MNIST not found. Tried:\n  - "
+        + "\n  - ".join(tried)
+        + f"\nFix one of: `sudo apt-get install {DEBIAN_PACKAGE}`; pass --source-dir DIR "
+        "(or data.source_dir=DIR in training) holding train/t10k-*-ubyte.gz; "
+        "or run on a machine with internet access so torchvision can download it."
+    )
+
+
+def load_raw(raw_dir: Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name in MD5:
+        with gzip.open(raw_dir / name, "rb") as fh:
+            try:
+                raw = fh.read()
+            except (OSError, EOFError) as exc:
+                raise DataError(f"{raw_dir / name}: not a valid gzip file ({exc})") from exc
+        arrays[name] = parse_idx(raw, str(raw_dir / name))
+    for prefix in ("train", "t10k"):
+        n_img = len(arrays[f"{prefix}-images-idx3-ubyte.gz"])
+        n_lab = len(arrays[f"{prefix}-labels-idx1-ubyte.gz"])
+        if n_img != n_lab:
+            raise DataError(f"{raw_dir}: {prefix} has {n_img} images but {n_lab} labels")
+    return arrays
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/val split of range(n): same (n, val_size, seed) -> same split."""
+    if not 0 < val_size < n:
+        raise DataError(f"val_size must be between 1 and {n - 1}, got {val_size}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(tmp_path)` then rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def prepare(
+    out_dir: Path = Path("data"),
+    source_dir: Path | None = None,
+    val_size: int = 5000,
+    seed: int = 0,
+    *,
+    debian_dir: Path | None = None,
+    allow_download: bool = True,
+    checksums: Mapping[str, tuple[str, str]] | None = None,
+    force: bool = False,
+) -> dict:
+    """Write data/processed/{train,val,test}.pt and manifest.json; return the manifest."""
+    processed = out_dir / "processed"
+    raw_dir, source = locate(source_dir, debian_dir, allow_download, out_dir / "raw")
+    sums = verify(raw_dir, MD5 if checksums is None else checksums)
+    existing = processed / MANIFEST
+    if existing.is_file() and not force:
+        old = json.loads(existing.read_text())
+        same = old.get("checksums") == sums and old.get("split") == {"val_size": val_size, "seed": seed}
+        if same and all((processed / f"{s}.pt").is_file() for s in SPLITS):
+            return old
+    t0 = time.perf_counter()
+    arrays = load_raw(raw_dir)
+    train_x, train_y = arrays["train-images-idx3-ubyte.gz"], arrays["train-labels-idx1-ubyte.gz"]
+    tr, va = split_indices(len(train_y), val_size, seed)
+    splits = {
+        "train": (train_x[tr], train_y[tr]),
+        "val": (train_x[va], train_y[va]),
+        "test": (arrays["t10k-images-idx3-ubyte.gz"], arrays["t10k-labels-idx1-ubyte.gz"]),
+    }
+    processed.mkdir(parents=True, exist_ok=True)
+    # The manifest goes last and is removed first: its presence means the tensors are complete.
+    existing.unlink(missing_ok=True)
+    for name, (x, y) in splits.items():
+        payload = {"images": torch.from_numpy(x.copy()), "labels": torch.from_numpy(y.astype(np.int64))}
+        _atomic_write(processed / f"{name}.pt", lambda tmp, p=payload: torch.save(p, tmp))
+    manifest = {
+        "dataset": "fashion-mnist",
+        "source": source,
+        "raw_dir": str(raw_dir),
+        "checksums": sums,
+        "split": {"val_size": val_size, "seed": seed},
+        "counts": {name: len(y) for name, (_, y) in splits.items()},
+        "classes": CLASSES,
+        "prepare_seconds": round(time.perf_counter() - t0, 3),
+    }
+    _atomic_write(existing, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
+    return manifest
+
+
+def load_split(out_dir: Path, name: str) -> Split:
+    """Load one processed split; says which command creates it when it is missing."""
+    if name not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+    path = out_dir / "processed" / f"{name}.pt"
+    if not (out_dir / "processed" / MANIFEST).is_file() or not path.is_file():
+        raise DataError(f"{path} not found; run `python -m training.data --out {out_dir}` first")
+    blob = torch.load(path, weights_only=True)
+    return Split(blob["images"], blob["labels"])
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source-dir", type=Path, help="directory holding the four *-ubyte.gz files")
+    parser.add_argument("--out", type=Path, default=Path("data"), help="output root (default: data)")
+    parser.add_argument(
+        "--val-size", type=int, default=5000, help="validation images held out (default 5000)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    parser.add_argument("--no-download", action="store_true", help="never try the internet")
+    parser.add_argument("--force", action="store_true", help="rewrite outputs even if up to date")
+    args = parser.parse_args(None if argv is None else list(argv))
+    t0 = time.perf_counter()
+    try:
+        manifest = prepare(
+            args.out,
+            args.source_dir,
+            args.val_size,
+            args.seed,
+            allow_download=not args.no_download,
+            force=args.force,
+        )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k}={v}" for k, v in manifest["counts"].items())
+    print(
+        f"Fashion-MNIST from {manifest['source']}: {counts} -> {args.out / 'processed'} "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Export the best checkpoint of a training run as TorchScript plus serving metadata.
+
+    python -m training.export                                   # outputs/train/latest -> artifacts/model
+    python -m training.export --run outputs/train/2026-11-26_10-00-00 --out artifacts/model --version 1.1
+
+Writes, atomically (a failed export leaves the previous one in place):
+  model.pt             torch.jit.script, NOT frozen, so other torch versions load it
+                       (serving and evaluation freeze after loading)
+  model_meta.json      preprocessing, classes, version, git commit, config hash,
+                       test/val accuracy, reference input statistics for drift checks
+  index_to_name.json   class index -> label
+  train_config.yaml    the run's resolved Hydra config
+
+Before writing, the export checks itself: the reloaded TorchScript must match the
+eager model (allclose) on a real test batch and predict identical classes on the
+whole test set. If either check fails, export exits non-zero and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from handler.preprocess import PreprocessSpec, normalize
+from model import count_parameters
+from training.data import CLASSES, DataError, load_split
+from training.evaluate import predict_logits
+from training.train import FashionClassifier
+
+MODEL_NAME = "fashion_mnist"
+META_FIELDS = (
+    "name", "version", "created_at", "git_commit", "config_hash", "torch_version", "architecture",
+    "preprocess", "classes", "metrics", "reference_stats",
+)  # fmt: skip
+
+
+class ExportError(RuntimeError):
+    """The export failed a check or lacks an input; the message says what to do."""
+
+
+def git_commit() -> str:
+    """HEAD's commit, with '-dirty' if the tree has changes; 'unknown' outside git."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def config_hash(cfg: dict) -> str:
+    canonical = json.dumps(cfg, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def reference_stats(images: torch.Tensor, bins: int = 32) -> dict:
+    """Training-input statistics the server can compare live traffic against (drift)."""
+    x = images.to(torch.float64) / 255.0
+    brightness = x.mean(dim=(1, 2))
+    counts = torch.histc(brightness, bins=bins, min=0.0, max=1.0)
+    return {
+        "num_images": len(images),
+        "pixel_mean": x.mean(0).round(decimals=5).tolist(),
+        "pixel_std": x.std(0).round(decimals=5).tolist(),
+        "brightness_hist": {
+            "edges": torch.linspace(0, 1, bins + 1).round(decimals=5).tolist(),
+            "counts": [int(c) for c in counts],
+        },
+        "brightness_mean": float(brightness.mean()),
+        "brightness_std": float(brightness.std()),
+    }
+
+
+def check_parity(
+    eager: torch.nn.Module, scripted: torch.nn.Module, inputs: torch.Tensor, batch: int = 256
+) -> torch.Tensor:
+    """Raise ExportError unless scripted == eager; return the scripted logits for `inputs`."""
+    with torch.inference_mode():
+        a, b = eager(inputs[:batch]), scripted(inputs[:batch])
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+        raise ExportError(
+            f"TorchScript output differs from the eager model (max abs diff {(a - b).abs().max():.3g}) "
+            "on a real test batch; the model uses something torch.jit.script changes. Export aborted."
+        )
+    eager_pred = predict_logits(eager, inputs).argmax(1)
+    logits = predict_logits(scripted, inputs)
+    mismatched = int((logits.argmax(1) != eager_pred).sum())
+    if mismatched:
+        raise ExportError(
+            f"TorchScript predicts a different class than the eager model on {mismatched} of "
+            f"{len(inputs)} test images. Export aborted."
+        )
+    return logits
+
+
+def resolve_run(run: Path) -> tuple[Path, Path]:
+    """(checkpoint, resolved config) of a training run directory."""
+    ckpt, cfg = run / "checkpoints" / "best.ckpt", run / "config.yaml"
+    for path in (ckpt, cfg):
+        if not path.is_file():
+            raise ExportError(
+                f"{path} not found; train first with `python -m training.train` (or pass --run)"
+            )
+    return ckpt, cfg
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Swap a fully written directory into place, so `dst` is never half-written."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = None) -> dict:
+    """Export run's best checkpoint into `out`; return the metadata written."""
+    ckpt, cfg_path = resolve_run(run)
+    cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    data_root = data_root or Path(cfg["data"]["root"])
+    module = FashionClassifier.load_from_checkpoint(str(ckpt), map_location="cpu")
+    eager = module.net.eval()
+    spec: PreprocessSpec = module.spec
+
+    test, val = load_split(data_root, "test"), load_split(data_root, "val")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        torch.jit.script(eager).save(str(staging / "model.pt"))
+        scripted = torch.jit.load(str(staging / "model.pt"), map_location="cpu").eval()
+        test_logits = check_parity(eager, scripted, normalize(test.images, spec))
+        val_logits = predict_logits(scripted, normalize(val.images, spec))
+        accuracy = {
+            "test_accuracy": int((test_logits.argmax(1) == test.labels).sum()) / len(test),
+            "val_accuracy": int((val_logits.argmax(1) == val.labels).sum()) / len(val),
+        }
+        meta = {
+            "name": MODEL_NAME,
+            "version": version,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "config_hash": config_hash(cfg),
+            "torch_version": torch.__version__.split("+")[0],
+            "architecture": {
+                "class": type(eager).__name__,
+                **{k: cfg["model"][k] for k in ("width", "depth", "dropout", "hidden")},
+                "num_params": count_parameters(eager),
+            },
+            "preprocess": spec.to_meta(),
+            "classes": CLASSES,
+            "metrics": accuracy,
+            "reference_stats": reference_stats(load_split(data_root, "train").images),
+            "source": {"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve())},
+        }
+        (staging / "model_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        index_to_name = {str(i): name for i, name in enumerate(CLASSES)}
+        (staging / "index_to_name.json").write_text(json.dumps(index_to_name, indent=2) + "\n")
+        shutil.copy2(cfg_path, staging / "train_config.yaml")
+        _replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, default=Path("outputs/train/latest"), help="training run dir")
+    parser.add_argument("--out", type=Path, default=Path("artifacts/model"))
+    parser.add_argument("--version", default="1.0", help="model version served by TorchServe")
+    parser.add_argument("--data", type=Path, help="processed data root (default: the run's data.root)")
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        meta = export(args.run, args.out, args.version, args.data)
+    except (ExportError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = meta["metrics"]
+    print(
+        f"exported {meta['name']} v{meta['version']} "
+        f"({meta['architecture']['num_params']:,} params) -> {args.out}\n"
+        f"parity: TorchScript == eager on the test set; test accuracy {m['test_accuracy']:.4f}, "
+        f"val accuracy {m['val_accuracy']:.4f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
