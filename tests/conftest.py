@@ -10,20 +10,51 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from handler.preprocess import PreprocessSpec
+from model import FashionCNN
 from training import data as data_mod
 from training.config import register_configs
+from training.data import CLASSES
 from training.train import CONFIG_DIR
 
 register_configs()
+
+
+def make_random_export(
+    directory: Path,
+    *,
+    model_classes: int = 10,
+    classes: list[str] = CLASSES,
+    version: str = "1.0",
+    seed: int = 0,
+) -> Path:
+    """An export laid out like training.export's (unfrozen TorchScript + metadata), random weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = FashionCNN(num_classes=model_classes, width=8, depth=1).eval()
+    torch.jit.script(model).save(str(directory / "model.pt"))
+    meta = {
+        "name": "fashion_mnist",
+        "version": version,
+        "architecture": {"class": "FashionCNN", "width": 8, "depth": 1, "dropout": 0.25},
+        "preprocess": PreprocessSpec().to_meta(),
+        "classes": list(classes),
+    }
+    (directory / "model_meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    index = {str(i): name for i, name in enumerate(classes)}
+    (directory / "index_to_name.json").write_text(json.dumps(index), encoding="utf-8")
+    return directory
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import idx_bytes, write_idx_set
 from training import data as data_mod
-from training.data import DataError, load_split, parse_idx, prepare, split_indices
+from training.data import CLASSES, DataError, load_split, parse_idx, prepare, split_indices
 
 
 def _prepare(raw: Path, sums, out: Path, **kw) -> dict:
@@ -176,3 +176,16 @@ def test_cli_prepares_from_a_directory(tmp_path: Path, monkeypatch, capsys) -> N
     code = data_mod.main(["--source-dir", str(raw), "--out", str(tmp_path / "o"), "--no-download"])
     assert code == 0, capsys.readouterr().err
     assert "train=60, val=5000, test=60" in capsys.readouterr().out
+
+
+def test_cli_writes_labelled_sample_pngs(tmp_path: Path, tiny_data_root: Path) -> None:
+    from PIL import Image
+
+    code = data_mod.main(["--out", str(tiny_data_root), "--samples", str(tmp_path / "s"), "--count", "3"])
+    assert code == 0
+    files = sorted((tmp_path / "s").glob("*.png"))
+    test = load_split(tiny_data_root, "test")
+    assert len(files) == 3
+    for i, path in enumerate(files):
+        assert np.array_equal(np.asarray(Image.open(path)), test.images[i].numpy())
+        assert path.stem.endswith(CLASSES[int(test.labels[i])].replace("/", "-").replace(" ", "-"))

@@ -17,7 +17,7 @@ class DataConfig:
     source_dir: str | None = None  # raw IDX .gz files; None = Debian package, then download
     val_size: int = 5000
     split_seed: int = 0
-    batch_size: int = 128
+    batch_size: int = 256
     eval_batch_size: int = 1024
     num_workers: int = 0  # data is in memory; worker processes only add start-up cost
     augment: bool = False  # train-only: random horizontal flip + random shift
@@ -35,7 +35,7 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 6
+    max_epochs: int = 5
     lr: float = 3e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0

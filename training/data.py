@@ -3,6 +3,7 @@
     python -m training.data                         # Debian package, else torchvision download
     python -m training.data --source-dir ~/fmnist   # your own copy (flat or torchvision layout)
     python -m training.data --out data --val-size 5000 --seed 0
+    python -m training.data --samples data/samples --count 10   # PNGs of real test images to query
 
 Sources are tried in order: an explicit directory, the Debian package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), then torchvision's
@@ -288,6 +289,21 @@ def load_split(out_dir: Path, name: str) -> Split:
     return Split(blob["images"], blob["labels"])
 
 
+def write_samples(out_dir: Path, dest: Path, count: int) -> list[tuple[Path, str]]:
+    """Save the first `count` test images as PNG; the file name carries the true label."""
+    from PIL import Image
+
+    test = load_split(out_dir, "test")
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(min(count, len(test))):
+        label = CLASSES[int(test.labels[i])]
+        path = dest / f"test{i:05d}_{label.replace('/', '-').replace(' ', '-')}.png"
+        Image.fromarray(test.images[i].numpy(), mode="L").save(path)
+        written.append((path, label))
+    return written
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -300,6 +316,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     parser.add_argument("--no-download", action="store_true", help="never try the internet")
     parser.add_argument("--force", action="store_true", help="rewrite outputs even if up to date")
+    parser.add_argument("--samples", type=Path, help="also save test images as PNG files into this directory")
+    parser.add_argument("--count", type=int, default=10, help="how many --samples (default 10)")
     args = parser.parse_args(None if argv is None else list(argv))
     t0 = time.perf_counter()
     try:
@@ -319,6 +337,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         f"Fashion-MNIST from {manifest['source']}: {counts} -> {args.out / 'processed'} "
         f"({time.perf_counter() - t0:.1f}s)"
     )
+    if args.samples:
+        written = write_samples(args.out, args.samples, args.count)
+        print(f"{len(written)} test images as PNG -> {args.samples}")
     return 0
 
 

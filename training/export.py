@@ -137,7 +137,8 @@ def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = 
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
     data_root = data_root or Path(cfg["data"]["root"])
     module = FashionClassifier.load_from_checkpoint(str(ckpt), map_location="cpu")
-    eager = module.net.eval()
+    # Plain NCHW weights: the layout every loader and torch version expects.
+    eager = module.net.to(memory_format=torch.contiguous_format).eval()
     spec: PreprocessSpec = module.spec
 
     test, val = load_split(data_root, "test"), load_split(data_root, "val")

@@ -1,0 +1,1 @@
+"""Build the TorchServe model archive (.mar) from an export directory and self-check it."""

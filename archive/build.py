@@ -1,0 +1,371 @@
+"""Build model_store/<name>.mar from an export directory, and prove it answers before publishing it.
+
+    python -m archive.build            # artifacts/model -> model_store/fashion_mnist.mar
+    python -m archive.build --export-dir X --store Y --batch-size 8 --max-batch-delay 5 --max-workers 2
+
+1. Validate the export written by `python -m training.export`: model.pt, model_meta.json and
+   index_to_name.json exist inside the export directory (symlinks resolved), the metadata has the
+   fields serving needs, both files list the same classes, and the model's output has one score
+   per class.
+2. Stage the handler package (handler/*.py only) with the metadata, write model-config.yaml from
+   the flags, and run torch-model-archiver in a fresh process with a private TMPDIR (it stages in
+   $TMPDIR/<name>, which concurrent builds would otherwise share). The archive version is
+   model_meta.json's "version".
+3. Unpack the archive and answer a PNG and a bad body with TorchServe's own worker code in a fresh
+   interpreter that can import only the archive (archive/selfcheck.py).
+4. Only then move the archive into the store with an atomic rename, so a failed build never leaves
+   a partial or unchecked <name>.mar behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from handler.postprocess import class_names
+from handler.preprocess import PreprocessSpec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HANDLER_PACKAGE = REPO_ROOT / "handler"
+HANDLER_MODULE = "fashion_handler.py"
+SELFCHECK = Path(__file__).resolve().parent / "selfcheck.py"
+EXPORT_HINT = "run `python -m training.export` (or point --export-dir at an export)"
+REQUIRED_META = ("name", "version", "classes", "preprocess")
+# Model names and versions appear in URLs (/predictions/<name>/<version>) and file names.
+NAME_PATTERN = VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ArchiveError(Exception):
+    """The archive cannot be built as asked; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Export:
+    """A validated export directory."""
+
+    model: Path
+    meta_file: Path
+    index_file: Path
+    version: str
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """model-config.yaml: per-model TorchServe settings shipped inside the archive.
+
+    The defaults suit a 2-core host: one worker is always warm, a second one is added under load,
+    and up to 8 requests that arrive within 5 ms share one forward pass.
+    """
+
+    min_workers: int = 1
+    max_workers: int = 2
+    batch_size: int = 8
+    max_batch_delay: int = 5  # ms a batch waits to fill up
+    response_timeout: int = 30  # s for one batch before TorchServe restarts the worker
+    startup_timeout: int = 120  # s for a worker to load the model
+
+    def to_yaml(self) -> str:
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ArchiveError("need 1 <= --min-workers <= --max-workers")
+        if self.batch_size < 1 or self.max_batch_delay < 0:
+            raise ArchiveError("need --batch-size >= 1 and --max-batch-delay >= 0")
+        if self.response_timeout < 1 or self.startup_timeout < 1:
+            raise ArchiveError("need --response-timeout >= 1 and --startup-timeout >= 1")
+        config = {
+            "minWorkers": self.min_workers,
+            "maxWorkers": self.max_workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay,
+            "responseTimeout": self.response_timeout,
+            "startupTimeout": self.startup_timeout,
+            # The handler runs the model on CPU; this keeps TorchServe from assigning GPU ids.
+            "deviceType": "cpu",
+        }
+        header = "# Written by `python -m archive.build`; change it with that command's flags.\n"
+        return header + yaml.safe_dump(config, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    size: int
+    version: str
+    sha256: str
+    check_summary: dict[str, Any]
+    replaced: str | None  # what happened to an archive that was already there
+
+
+def require_inside(path: Path, root: Path, what: str, missing_hint: str = EXPORT_HINT) -> Path:
+    """Resolve symlinks and refuse files that end up outside `root` (or do not exist)."""
+    resolved, base = path.resolve(), root.resolve()
+    if not resolved.is_relative_to(base):
+        raise ArchiveError(f"{what} {path} resolves to {resolved}, outside {base}; copy the real file there")
+    if not resolved.is_file():
+        raise ArchiveError(f"{what} {path} not found; {missing_hint}")
+    return resolved
+
+
+def validate_export(export_dir: Path) -> Export:
+    """Check an export directory is complete and self-consistent; raise ArchiveError saying what is wrong."""
+    if not export_dir.is_dir():
+        raise ArchiveError(f"export directory {export_dir} not found; {EXPORT_HINT}")
+    model = require_inside(export_dir / "model.pt", export_dir, "model file")
+    meta_file = require_inside(export_dir / "model_meta.json", export_dir, "metadata file")
+    index_file = require_inside(export_dir / "index_to_name.json", export_dir, "class index file")
+    meta = _read_json(meta_file)
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ArchiveError(
+            f"{meta_file} lacks {missing}; re-export the model with `python -m training.export`"
+        )
+    try:
+        spec = PreprocessSpec.from_meta(meta)
+        classes = class_names(_read_json(index_file))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArchiveError(f"{export_dir}: {exc}") from exc
+    if classes != meta["classes"]:
+        raise ArchiveError(
+            f"{index_file} lists {classes} but {meta_file} lists {meta['classes']}; "
+            "both must come from the same `python -m training.export` run"
+        )
+    version = str(meta["version"])
+    if not VERSION_PATTERN.match(version):
+        raise ArchiveError(f"{meta_file} version {version!r} must match {VERSION_PATTERN.pattern}")
+    _check_model_output(model, spec, len(classes))
+    return Export(model, meta_file, index_file, version, _sha256(model))
+
+
+def build(
+    export_dir: Path,
+    store: Path,
+    name: str = "fashion_mnist",
+    config: ServingConfig | None = None,
+    force: bool = False,
+) -> BuildResult:
+    """Validate, archive, self-check, then atomically publish store/<name>.mar."""
+    if not NAME_PATTERN.match(name):
+        raise ArchiveError(f"model name {name!r} must match {NAME_PATTERN.pattern} (TorchServe's rule)")
+    config_yaml = (config or ServingConfig()).to_yaml()
+    export = validate_export(export_dir)
+    target = store / f"{name}.mar"
+    replaced = _replacement_note(target, export, force)
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"archive-{name}-") as tmp:
+        work = Path(tmp)
+        mar = _run_archiver(export, name, config_yaml, work)
+        summary = self_check(mar, work / "unpacked")
+        size, digest = mar.stat().st_size, _sha256(mar)
+        _publish(mar, target)
+    return BuildResult(target, size, export.version, digest, summary, replaced)
+
+
+def _check_model_output(model_file: Path, spec: PreprocessSpec, num_classes: int) -> None:
+    try:
+        model = torch.jit.load(str(model_file), map_location="cpu").eval()
+    except RuntimeError as exc:
+        raise ArchiveError(f"{model_file} is not a TorchScript model ({exc}); {EXPORT_HINT}") from exc
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(1, *spec.input_shape))
+    except RuntimeError as exc:
+        raise ArchiveError(f"{model_file} fails on input of shape {[1, *spec.input_shape]}: {exc}") from exc
+    if tuple(out.shape) != (1, num_classes):
+        raise ArchiveError(
+            f"{model_file} outputs shape {tuple(out.shape)} but the metadata lists {num_classes} classes; "
+            "re-export the model with `python -m training.export`"
+        )
+
+
+def _replacement_note(target: Path, export: Export, force: bool) -> str | None:
+    """Decide about an archive already at `target`: None if there is none, a note if it will be replaced.
+
+    Without --force, an existing archive is replaced unless it holds the same version of a different
+    model.pt: then the version would name two models, which breaks every rollback and cache keyed
+    on it. Rebuilding the same model (say, after a handler change) or a new version just replaces it.
+    """
+    if not target.exists():
+        return None
+    if force:
+        return "overwritten (--force)"
+    try:
+        with zipfile.ZipFile(target) as archive:
+            manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
+            old_version = str(manifest.get("modelVersion"))
+            with archive.open(manifest["serializedFile"]) as old_model:
+                old_sha = hashlib.file_digest(old_model, "sha256").hexdigest()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ArchiveError(
+            f"{target} exists but is not a readable model archive ({exc}); pass --force to overwrite it"
+        ) from exc
+    if old_version == export.version and old_sha != export.model_sha256:
+        raise ArchiveError(
+            f"{target} already holds version {old_version} of a different model.pt; give the new model "
+            "its own version in `python -m training.export`, or pass --force to overwrite"
+        )
+    return f"replaced version {old_version}" + (" (same model)" if old_sha == export.model_sha256 else "")
+
+
+def _run_archiver(export: Export, name: str, config_yaml: str, work: Path) -> Path:
+    extra = work / "extra"
+    package = extra / "handler"
+    package.mkdir(parents=True)
+    # The handler package goes in as source only: no __pycache__, tests or editor files.
+    for source in sorted(HANDLER_PACKAGE.glob("*.py")):
+        real = require_inside(source, REPO_ROOT, "handler file", "restore it from git")
+        shutil.copyfile(real, package / source.name)
+    if not (package / HANDLER_MODULE).is_file():
+        raise ArchiveError(
+            f"{HANDLER_PACKAGE / HANDLER_MODULE} not found; the handler entry point is missing"
+        )
+    for source in (export.meta_file, export.index_file):
+        shutil.copyfile(source, extra / source.name)
+    config_file = work / "model-config.yaml"
+    config_file.write_text(config_yaml, encoding="utf-8")
+    out, private_tmp = work / "out", work / "tmp"
+    out.mkdir()
+    private_tmp.mkdir()
+    command = [
+        sys.executable, "-m", "model_archiver.model_packaging",
+        "--model-name", name,
+        "--version", export.version,
+        "--serialized-file", str(export.model),
+        "--handler", str(package / HANDLER_MODULE),
+        # A directory's contents land in the archive root, subdirectories kept: handler/, *.json.
+        "--extra-files", str(extra),
+        "--config-file", str(config_file),
+        "--export-path", str(out),
+        "--archive-format", "default",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        command, env={**os.environ, "TMPDIR": str(private_tmp)}, capture_output=True, text=True, check=False
+    )
+    mar = out / f"{name}.mar"
+    if proc.returncode != 0 or not mar.is_file():
+        raise ArchiveError(f"torch-model-archiver failed (exit {proc.returncode}):\n{_tail(proc.stderr)}")
+    return mar
+
+
+def self_check(mar: Path, unpacked: Path) -> dict[str, Any]:
+    """Unpack `mar` into `unpacked` and run archive/selfcheck.py on it; its summary, or ArchiveError."""
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(unpacked)
+    # -P and a PYTHONPATH of only the unpacked archive: the handler must work from what it ships.
+    proc = subprocess.run(
+        [sys.executable, "-P", str(SELFCHECK), str(unpacked)],
+        cwd=unpacked,
+        env={**os.environ, "PYTHONPATH": str(unpacked)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ArchiveError(
+            "the built archive failed its self-check, so nothing was written to the store:\n"
+            + _tail(proc.stderr)
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _publish(mar: Path, target: Path) -> None:
+    """Copy next to the target under a name TorchServe ignores, then rename over it (atomic on POSIX)."""
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as dst, mar.open("rb") as src:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArchiveError(f"{path} is not valid JSON ({exc}); {EXPORT_HINT}") from exc
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ServingConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m archive.build",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=(
+            "An existing STORE/NAME.mar is replaced, unless it holds the same version of a different "
+            "model.pt (a version must name one model): then the build stops unless --force is given."
+        ),
+    )
+    add = parser.add_argument
+    add(
+        "--export-dir", type=Path, default=REPO_ROOT / "artifacts" / "model", help="output of training.export"
+    )
+    add("--store", type=Path, default=REPO_ROOT / "model_store", help="TorchServe model store")
+    add("--name", default="fashion_mnist", help="model name in TorchServe and in the file name")
+    add("--min-workers", type=int, default=defaults.min_workers, help="workers kept running")
+    add("--max-workers", type=int, default=defaults.max_workers, help="workers TorchServe may scale to")
+    add("--batch-size", type=int, default=defaults.batch_size, help="requests per forward pass, at most")
+    add("--max-batch-delay", type=int, default=defaults.max_batch_delay, help="ms a batch waits to fill")
+    add(
+        "--response-timeout", type=int, default=defaults.response_timeout, help="s per batch before a restart"
+    )
+    add("--startup-timeout", type=int, default=defaults.startup_timeout, help="s for a worker to load")
+    add("--force", action="store_true", help="overwrite an existing archive whatever it holds")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = ServingConfig(
+        args.min_workers,
+        args.max_workers,
+        args.batch_size,
+        args.max_batch_delay,
+        args.response_timeout,
+        args.startup_timeout,
+    )
+    try:
+        result = build(args.export_dir, args.store, args.name, config, args.force)
+    except ArchiveError as exc:
+        print(f"archive.build: error: {exc}", file=sys.stderr)
+        return 1
+    top = result.check_summary["top"]
+    print(f"self-check passed: PNG -> 200 (top: {top['label']} {top['probability']:.3f}), bad body -> 400")
+    if result.replaced:
+        print(f"existing archive {result.replaced}")
+    print(f"archive: {result.path}")
+    print(f"size:    {result.size} bytes ({result.size / 1024:.1f} KiB)")
+    print(f"version: {result.version}")
+    print(f"sha256:  {result.sha256}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""TorchServe entry point for the Fashion-MNIST classifier: a thin BaseHandler subclass.
+
+The archive copies this file to the .mar root and ships the whole `handler/` package next to it,
+so `from handler.… import …` resolves the same way in the worker (model dir on sys.path) as in the
+repository. The work is done by plain functions: handler.payload (request -> image bytes, k),
+handler.preprocess (bytes -> tensor), handler.postprocess (probabilities -> JSON). Build and check
+an archive that contains it with:
+
+    python -m archive.build          # model_store/fashion_mnist.mar, self-checked in-process
+
+TorchServe's model loader takes the single class defined in this module as the handler, so this
+module defines exactly one class and no module-level `handle` function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.payload import parse_request
+from handler.postprocess import class_names, prediction_body, probabilities
+from handler.preprocess import InputError, PreprocessSpec, preprocess
+
+logger = logging.getLogger(__name__)
+
+THREADS_ENV = "FASHION_TORCH_THREADS"
+
+
+def configure_threads() -> int:
+    """Give this worker process FASHION_TORCH_THREADS (default 1) torch threads; returns the count.
+
+    TorchServe gets its parallelism from worker processes (minWorkers..maxWorkers) and batching.
+    Left alone, torch in every worker starts one thread per core, so W workers on C cores run
+    W*C busy threads that fight over the cores and add latency. One thread per worker makes the
+    worker count the one knob; raise the variable only for a single worker on a many-core host.
+    """
+    raw = os.environ.get(THREADS_ENV, "1")
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"{THREADS_ENV} must be a whole number >= 1, got {raw!r}")
+    torch.set_num_threads(threads)
+    # One forward at a time per worker, so no inter-op parallelism. Torch allows setting this once
+    # per process; a second initialize in the same process (tests) keeps the first setting.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    return threads
+
+
+def load_model(path: Path) -> torch.jit.ScriptModule:
+    """TorchScript from training.export (saved unfrozen) -> frozen, inference-optimised module."""
+    with warnings.catch_warnings():
+        # TorchScript is this project's serving format; torch flags each torch.jit call as deprecated,
+        # which would add six stderr lines to every worker start without anything to act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+        model = torch.jit.load(str(path), map_location="cpu").eval()
+        return torch.jit.optimize_for_inference(torch.jit.freeze(model))
+
+
+class FashionMNISTHandler(BaseHandler):
+    """Every request in a batch gets its own answer: 200 with top-k predictions, or 400/413."""
+
+    def initialize(self, context: Any) -> None:
+        threads = configure_threads()
+        model_dir = Path(context.system_properties["model_dir"])
+        meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
+        index_to_name = json.loads((model_dir / "index_to_name.json").read_text(encoding="utf-8"))
+        self.classes = class_names(index_to_name)
+        if self.classes != meta["classes"]:
+            raise RuntimeError(
+                "index_to_name.json and model_meta.json list different classes; "
+                "rebuild the archive from one export with `python -m archive.build`"
+            )
+        self.spec = PreprocessSpec.from_meta(meta)
+        self.model_name = meta["name"]
+        self.version = str(meta["version"])
+        self.model = load_model(model_dir / context.manifest["model"]["serializedFile"])
+        # Fail the load, not every request, if the model does not fit the metadata. Two calls also
+        # let TorchScript's profiling executor finish optimising before the first client arrives.
+        with torch.inference_mode():
+            for _ in range(2):
+                out = self.model(torch.zeros(1, *self.spec.input_shape))
+        if tuple(out.shape) != (1, len(self.classes)):
+            raise RuntimeError(
+                f"model output shape {tuple(out.shape)} does not match {len(self.classes)} classes; "
+                "re-export the model with `python -m training.export`"
+            )
+        self.initialized = True
+        logger.info(
+            "loaded %s %s (%d classes, %d torch threads)",
+            self.model_name,
+            self.version,
+            len(self.classes),
+            threads,
+        )
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
+        """Answer a TorchServe batch, one status per request.
+
+        Replaces BaseHandler.handle because its preprocess/inference/postprocess chain has no place
+        for a per-request failure: any exception there turns the whole batch into a 503.
+        """
+        start = time.perf_counter()
+        self.context = context
+        answers: list[dict[str, Any]] = [{} for _ in data]
+        inputs, positions, ks = [], [], []
+        for idx, row in enumerate(data):
+            context.set_response_content_type(idx, "application/json")
+            try:
+                request = parse_request(row, context.get_all_request_header(idx), len(self.classes))
+                inputs.append(preprocess(request.image, self.spec))
+            except InputError as err:
+                answers[idx] = self._reject(context, idx, err)
+                continue
+            positions.append(idx)
+            ks.append(request.top_k)
+        if inputs:
+            with torch.inference_mode():
+                probs = probabilities(self.model(torch.stack(inputs)))
+            for idx, k, row_probs in zip(positions, ks, probs, strict=True):
+                answers[idx] = prediction_body(row_probs, self.classes, k, self.model_name, self.version)
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
+        return answers
+
+    @staticmethod
+    def _reject(context: Any, idx: int, err: InputError) -> dict[str, str]:
+        # Bad input is the client's problem: one WARNING line, no traceback, and the rest of the
+        # batch is answered normally.
+        logger.warning(
+            "request %s rejected: %d %s: %s",
+            context.get_request_id(idx),
+            err.status,
+            err.error,
+            " ".join(err.detail.split()),
+        )
+        context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
+        return err.to_json()
