@@ -42,8 +42,9 @@ cat <<'MSG'
 TorchServe is still running. Next:
   .venv/bin/python -m scripts.serve predict path/to/image.png     # top-k table (token read for you)
   .venv/bin/python -m scripts.serve status                        # health, models, workers
-  curl -H "Authorization: Bearer $(jq -r .inference.key .serve/default/key_file.json)" \
-       -T data/samples/test00000_Ankle-boot.png http://127.0.0.1:8080/predictions/fashion_mnist
+  KEY=$(python3 -c 'import json; print(json.load(open(".serve/default/key_file.json"))["inference"]["key"])')
+  curl -H "Authorization: Bearer $KEY" -T data/samples/test00000_Ankle-boot.png \
+       http://127.0.0.1:8080/predictions/fashion_mnist
   .venv/bin/python -m scripts.serve stop                          # waits until the JVM has exited
 Docs: docs/serving.md (endpoints, batching, figures), reports/ (evaluation), docs/training.md.
 MSG

@@ -158,3 +158,11 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, real
     out = tmp_path_factory.mktemp("export") / "model"
     export(trained_run, out, version="1.0", data_root=real_data_root)
     return out
+
+
+@pytest.fixture(scope="session")
+def mar_file(tmp_path_factory: pytest.TempPathFactory, export_dir: Path) -> Path:
+    """`export_dir` archived by the project's own archive step (self-checked before it is published)."""
+    from archive.build import build
+
+    return build(export_dir, tmp_path_factory.mktemp("model_store")).path
