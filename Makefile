@@ -6,7 +6,8 @@ RUN ?= outputs/train/latest
 EXPORT ?= artifacts/model
 TRAIN_ARGS ?=
 
-.PHONY: help setup setup-dev all data train export evaluate lint test test-fast bench-training clean
+.PHONY: help setup setup-dev all data train export evaluate archive serve stop lint test test-fast \
+	image image-train bench-training bench-serving bench-container soak clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +33,22 @@ export:  ## TorchScript + model_meta.json from $(RUN) into $(EXPORT), with parit
 evaluate:  ## test-set report and confusion matrix into reports/
 	$(PY) -m training.evaluate --model-dir $(EXPORT) --out reports
 
+archive:  ## model_store/fashion_mnist.mar from $(EXPORT), self-checked before it is published
+	$(PY) -m archive.build --export-dir $(EXPORT) --store model_store
+
+serve:  ## start TorchServe (127.0.0.1) and register the archive through the management API
+	$(PY) -m scripts.serve start --model-store model_store
+	$(PY) -m scripts.serve register
+
+stop:  ## stop TorchServe and wait until the JVM has exited
+	$(PY) -m scripts.serve stop
+
+image:  ## serving image (builds the base image and wheelhouse locally when missing)
+	scripts/build_image.sh
+
+image-train:  ## training image
+	scripts/build_image.sh --train
+
 lint:  ## ruff check + ruff format --check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -45,6 +62,15 @@ test-fast:  ## unit tests only (no JVM, no docker), for quick iteration
 
 bench-training:  ## measure default + accurate training; writes docs/training.md
 	$(PY) scripts/bench_training.py
+
+bench-serving:  ## cold start, latency and throughput of the archive; writes docs/serving.md
+	$(PY) -m scripts.bench_serving
+
+bench-container:  ## image size and container cold start; writes docs/deploy.md
+	$(PY) scripts/bench_container.py
+
+soak:  ## drive the server at ~80% of capacity for 5 minutes; writes docs/reliability.md
+	$(PY) -m scripts.soak
 
 clean:  ## remove generated outputs (keeps .venv and data/)
 	rm -rf outputs artifacts model_store reports logs .serve build .pytest_cache .coverage
