@@ -86,7 +86,15 @@ class FashionMNISTHandler(BaseHandler):
         self.spec = PreprocessSpec.from_meta(meta)
         self.model_name = meta["name"]
         self.version = str(meta["version"])
-        self.model = load_model(model_dir / context.manifest["model"]["serializedFile"])
+        # The manifest's file name comes from the archive: an absolute path or "../" in it would load
+        # a model from elsewhere on the host instead of the one the archive step checked.
+        model_file = (model_dir / context.manifest["model"]["serializedFile"]).resolve()
+        if not model_file.is_relative_to(model_dir.resolve()):
+            raise RuntimeError(
+                f"the archive's serializedFile resolves to {model_file}, outside the archive; "
+                "build archives with `python -m archive.build`"
+            )
+        self.model = load_model(model_file)
         # Fail the load, not every request, if the model does not fit the metadata. Two calls also
         # let TorchScript's profiling executor finish optimising before the first client arrives.
         with torch.inference_mode():

@@ -1,0 +1,210 @@
+"""Helpers for the reliability tests (test_hostile, test_auth, test_faults, test_soak): a throw-away
+model store, HTTP requests written byte for byte, and the checks every fault test repeats.
+
+The servers in those tests run an archive of a random-weights export, built once per test session
+with the project's own archive step: what they check (status codes, batching, worker restarts, memory)
+does not depend on what the model learned, and no training run is needed. Answers are still checked
+exactly, against the same export evaluated offline.
+
+Requests go over raw sockets rather than an HTTP library, so a test can send what a library would
+refuse to (a 70 kB header, a non-UTF-8 file name, a body over the size limit) and can see on the
+wire that each request gets exactly one response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+
+from archive.build import build
+from scripts import serve
+from tests.conftest import make_random_export
+
+ANY_PORTS = dict.fromkeys(serve.DEFAULT_PORTS, 0)
+PREDICT_PATH = f"/predictions/{serve.MODEL_NAME}"
+# Lines that mean the server or a worker hit something unexpected; bad input must never cause them.
+TROUBLE = ("Traceback", "Invoking custom service failed", "Backend worker process died", " ERROR ")
+
+
+@dataclass(frozen=True)
+class RandomArchive:
+    export: Path  # the export the archive was built from (for offline answers)
+    store: Path  # a model store holding fashion_mnist.mar
+
+
+def random_archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
+    """The session's random-weights export and its archive, built on first use (about 15 s)."""
+    root = tmp_path_factory.getbasetemp() / "random-archive"
+    archive = RandomArchive(root / "export", root / "store")
+    if not (archive.store / f"{serve.MODEL_NAME}.mar").is_file():
+        make_random_export(archive.export)
+        build(archive.export, archive.store)
+    return archive
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll `condition()` until it returns something truthy (returned) or `timeout` seconds pass (None)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
+# --- requests and responses on the wire ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_request(
+    method: str,
+    path: str,
+    headers: Mapping[str, str | bytes] | None = None,
+    body: bytes = b"",
+    chunk_size: int | None = None,
+) -> bytes:
+    """An HTTP/1.1 request as bytes. Header values may be bytes (sent as they are, even non-UTF-8);
+    `chunk_size` sends the body with Transfer-Encoding: chunked instead of a Content-Length."""
+    lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: 127.0.0.1"]
+    for name, value in (headers or {}).items():
+        lines.append(name.encode() + b": " + (value if isinstance(value, bytes) else value.encode()))
+    if chunk_size is None:
+        lines.append(f"Content-Length: {len(body)}".encode())
+        payload = body
+    else:
+        lines.append(b"Transfer-Encoding: chunked")
+        chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+        payload = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+
+class WireError(AssertionError):
+    """The server broke HTTP: no response, a malformed one, or more than one for a request."""
+
+
+def _read_reply(stream: BinaryIO) -> Reply:
+    status_line = stream.readline()
+    if not status_line:
+        raise WireError("the server closed the connection without a response")
+    parts = status_line.decode("latin-1").split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise WireError(f"not an HTTP status line: {status_line!r}")
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" not in headers:
+        raise WireError(f"response without Content-Length: {status_line!r} {headers}")
+    length = int(headers["content-length"])
+    body = stream.read(length)
+    if len(body) != length:
+        raise WireError(f"response body cut short: {len(body)} of {length} bytes")
+    return Reply(int(parts[1]), headers, body)
+
+
+def exchange(port: int, request: bytes, inference_key: str, timeout: float = 60.0) -> Reply:
+    """Send `request` on a new connection, read its response, and prove it is the only one.
+
+    After the response either the server closes the connection (it does after 4xx) and nothing more
+    arrives, or it keeps it open and the next response on it answers a GET /ping sent afterwards; a
+    duplicated response would be read there instead. Raises WireError otherwise, or on a timeout
+    (a lost request).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        # The server may answer and close before the whole body is sent (413): read that answer.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)
+        stream = sock.makefile("rb")
+        try:
+            reply = _read_reply(stream)
+        except TimeoutError:
+            raise WireError(f"no response within {timeout:.0f} s") from None
+        if reply.headers.get("connection", "").lower() == "close":
+            try:
+                extra = stream.read()
+            except ConnectionResetError:
+                extra = b""  # a reset after the response: nothing else was sent
+            except TimeoutError:
+                raise WireError("the server said it would close the connection, but kept it open") from None
+            if extra:
+                raise WireError(f"more bytes after a response on a closed connection: {extra[:200]!r}")
+            return reply
+        try:
+            sock.sendall(http_request("GET", "/ping", {"Authorization": f"Bearer {inference_key}"}))
+            follow_up = _read_reply(stream)
+        except (OSError, TimeoutError) as exc:
+            raise WireError(f"keep-alive connection unusable after the response: {exc!r}") from None
+        if (follow_up.status, follow_up.body and follow_up.json()) != (200, {"status": "Healthy"}):
+            raise WireError(
+                f"a second response followed the first: {follow_up.status} {follow_up.body[:200]!r}"
+            )
+        return reply
+
+
+def exchange_all(
+    port: int, requests: Sequence[bytes], inference_key: str, clients: int = 8, timeout: float = 60.0
+) -> list[Reply]:
+    """`exchange` every request from `clients` threads at once; replies in request order."""
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        return list(pool.map(lambda request: exchange(port, request, inference_key, timeout), requests))
+
+
+# --- server state ------------------------------------------------------------------------------------
+
+
+def worker_pids(client: serve.Client, model: str = serve.MODEL_NAME) -> dict[str, int]:
+    """Worker id -> PID of the model's workers that are READY (from the management API)."""
+    return {
+        worker["id"]: worker["pid"]
+        for version in client.describe(model)
+        for worker in version["workers"]
+        if worker["status"] == "READY"
+    }
+
+
+def settle_log(client: serve.Client, log_file: Path, batch_size: int = 1) -> str:
+    """The whole server log, once everything the worker printed so far has reached it.
+
+    A worker writes its log lines to one stdout stream that the JVM copies into the log in order.
+    The handler logs each rejected request with its request id, so once the rejections of empty
+    requests sent now are in the log, every line the worker printed before them is there too.
+    `batch_size` empty requests are sent at once, so a batching model answers without waiting.
+    """
+    port = int(client.urls["inference"].rsplit(":", 1)[1])
+    key = client.key("inference")
+    empty = http_request(
+        "POST", PREDICT_PATH, {"Authorization": f"Bearer {key}", "Content-Type": "image/png"}
+    )
+    replies = exchange_all(port, [empty] * batch_size, key, clients=batch_size)
+    assert [reply.status for reply in replies] == [400] * batch_size, replies
+    markers = [reply.headers["x-request-id"] for reply in replies]
+
+    def arrived() -> bool:
+        text = log_file.read_text(errors="replace")
+        return all(marker in text for marker in markers)
+
+    assert wait_for(arrived), f"the rejections of {markers} never reached {log_file}"
+    return log_file.read_text(errors="replace")
+
+
+def trouble(log_text: str) -> list[str]:
+    """The lines of a server log that show a traceback, a failed handler call or a dead worker."""
+    return [line for line in log_text.splitlines() if any(mark in line for mark in TROUBLE)]
