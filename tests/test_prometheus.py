@@ -1,0 +1,140 @@
+"""A real Prometheus scrapes the real TorchServe metrics port, as GKE's PodMonitoring would.
+
+Checks that /metrics is valid Prometheus exposition text (`promtool check metrics`) and that the
+request counter Prometheus stores goes up with the predictions we send.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pytest
+import requests
+
+from scripts import serve
+from tests.serving import png_bytes
+from training.data import load_split
+
+pytestmark = pytest.mark.serving
+PREDICTIONS = 12
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def poll(condition: Callable[[], T], timeout: float = 60.0, interval: float = 0.25) -> T | None:
+    """Return condition()'s first truthy value, or None after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, mar_file: Path) -> Iterator[serve.Instance]:
+    instance = serve.Instance("prom", tmp_path_factory.mktemp("serve"))
+    serve.start(instance, mar_file.parent, dict.fromkeys(serve.DEFAULT_PORTS, 0))
+    try:
+        yield instance
+    finally:
+        serve.stop(instance)
+
+
+@pytest.fixture(scope="module")
+def client(server: serve.Instance) -> Iterator[serve.Client]:
+    client = serve.Client.for_instance(server)
+    client.register()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def metrics_url(server: serve.Instance) -> str:
+    return serve.read_record(server).url("metrics")
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory, metrics_url: str) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: run `scripts/setup.sh --dev` (Debian package prometheus)")
+    work = tmp_path_factory.mktemp("prometheus")
+    target = metrics_url.removeprefix("http://")
+    (work / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: torchserve\n    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(work / "prometheus.log").open("w"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready = poll(lambda: _ok(f"{url}/-/ready"))
+        assert ready, f"prometheus did not become ready: {(work / 'prometheus.log').read_text()[-2000:]}"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def query(prometheus: str, expr: str) -> float | None:
+    body = requests.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=5).json()
+    result = body["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_metrics_endpoint_is_valid_exposition_text(client: serve.Client, metrics_url: str) -> None:
+    assert client.predict(png_bytes(np.zeros((28, 28), np.uint8))).status_code == 200
+    text = requests.get(f"{metrics_url}/metrics", timeout=10).text
+    assert "ts_inference_requests_total" in text
+    promtool = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    # promtool exits 1 when the text does not parse and 3 for naming advice only; TorchServe's own
+    # metric names (CamelCase, microseconds) draw advice we cannot change.
+    assert promtool.returncode in (0, 3), promtool.stderr
+    assert "error while linting" not in promtool.stderr, promtool.stderr
+
+
+def test_prometheus_scrapes_the_request_counter(
+    client: serve.Client, prometheus: str, real_data_root: Path
+) -> None:
+    assert poll(lambda: query(prometheus, 'up{job="torchserve"}') == 1.0), "scrape target never came up"
+    before = poll(lambda: query(prometheus, "sum(ts_inference_requests_total)"), timeout=10) or 0.0
+    headers = {
+        "Authorization": f"Bearer {client.key('inference')}",
+        "Content-Type": "application/octet-stream",
+    }
+    images = load_split(real_data_root, "test").images[:PREDICTIONS].numpy()
+    url = f"{client.urls['inference']}/predictions/{serve.MODEL_NAME}"
+    for image in images:
+        assert requests.post(url, data=png_bytes(image), headers=headers, timeout=30).status_code == 200
+    after = poll(
+        lambda: (
+            (v := query(prometheus, "sum(ts_inference_requests_total)")) and v >= before + PREDICTIONS and v
+        )
+    )
+    assert after, f"Prometheus never saw {PREDICTIONS} more requests than {before}"
