@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,22 @@ def random_archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
         make_random_export(archive.export)
         build(archive.export, archive.store)
     return archive
+
+
+@contextlib.contextmanager
+def serving_store_copy(
+    tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive, name: str, **register: Any
+) -> Iterator[serve.Instance]:
+    """A running server with the model registered; its store is a private copy tests may add archives to."""
+    store = tmp_path_factory.mktemp("store")
+    shutil.copyfile(archive.store / f"{serve.MODEL_NAME}.mar", store / f"{serve.MODEL_NAME}.mar")
+    instance = serve.Instance(name, tmp_path_factory.mktemp("serve"))
+    serve.start(instance, store, ANY_PORTS)
+    try:
+        serve.Client.for_instance(instance).register(**register)
+        yield instance
+    finally:
+        serve.stop(instance)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:

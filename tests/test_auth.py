@@ -26,7 +26,13 @@ import pytest
 import requests
 
 from scripts import serve
-from tests.reliability import ANY_PORTS, RandomArchive, random_archive, settle_log, worker_pids
+from tests.reliability import (
+    RandomArchive,
+    random_archive,
+    serving_store_copy,
+    settle_log,
+    worker_pids,
+)
 
 REPO = serve.REPO
 MODEL = serve.MODEL_NAME
@@ -76,16 +82,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive) -> Iterator[serve.Instance]:
-    """A server with the model registered; its store is a copy this module may add archives to."""
-    store = tmp_path_factory.mktemp("store")
-    shutil.copyfile(archive.store / f"{MODEL}.mar", store / f"{MODEL}.mar")
-    instance = serve.Instance("auth", tmp_path_factory.mktemp("serve"))
-    serve.start(instance, store, ANY_PORTS)
-    try:
-        serve.Client.for_instance(instance).register()
+    with serving_store_copy(tmp_path_factory, archive, "auth") as instance:
         yield instance
-    finally:
-        serve.stop(instance)
 
 
 @pytest.fixture

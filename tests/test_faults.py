@@ -32,7 +32,14 @@ import pytest
 from scripts import serve
 from scripts.soak import Sample, drive
 from tests.containers import Container, build_image, hardened_flags
-from tests.reliability import ANY_PORTS, PREDICT_PATH, RandomArchive, random_archive, wait_for, worker_pids
+from tests.reliability import (
+    PREDICT_PATH,
+    RandomArchive,
+    random_archive,
+    serving_store_copy,
+    wait_for,
+    worker_pids,
+)
 from tests.serving import offline_probabilities, png_bytes
 
 MODEL = serve.MODEL_NAME
@@ -52,17 +59,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive) -> Iterator[serve.Instance]:
     """A server with the model registered (batch_size 8, one worker) and a store tests may add to."""
-    store = tmp_path_factory.mktemp("store")
-    shutil.copyfile(archive.store / f"{MODEL}.mar", store / f"{MODEL}.mar")
-    instance = serve.Instance("faults", tmp_path_factory.mktemp("serve"))
-    serve.start(instance, store, ANY_PORTS)
-    try:
-        client = serve.Client.for_instance(instance)
-        client.register(batch_size=BATCH_SIZE)
-        assert len(worker_pids(client)) == 1
+    with serving_store_copy(tmp_path_factory, archive, "faults", batch_size=BATCH_SIZE) as instance:
+        assert len(worker_pids(serve.Client.for_instance(instance))) == 1
         yield instance
-    finally:
-        serve.stop(instance)
 
 
 @pytest.fixture
