@@ -9,39 +9,26 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
 import requests
 
 from scripts import serve
+from tests.reliability import wait_for
 from tests.serving import png_bytes
 from training.data import load_split
 
 pytestmark = pytest.mark.serving
 PREDICTIONS = 12
-T = TypeVar("T")
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def poll(condition: Callable[[], T], timeout: float = 60.0, interval: float = 0.25) -> T | None:
-    """Return condition()'s first truthy value, or None after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +74,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, metrics_url: str) -> It
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        ready = poll(lambda: _ok(f"{url}/-/ready"))
+        ready = wait_for(lambda: _ok(f"{url}/-/ready"), timeout=60.0, interval=0.25)
         assert ready, f"prometheus did not become ready: {(work / 'prometheus.log').read_text()[-2000:]}"
         yield url
     finally:
@@ -122,19 +109,11 @@ def test_metrics_endpoint_is_valid_exposition_text(client: serve.Client, metrics
 def test_prometheus_scrapes_the_request_counter(
     client: serve.Client, prometheus: str, real_data_root: Path
 ) -> None:
-    assert poll(lambda: query(prometheus, 'up{job="torchserve"}') == 1.0), "scrape target never came up"
-    before = poll(lambda: query(prometheus, "sum(ts_inference_requests_total)"), timeout=10) or 0.0
-    headers = {
-        "Authorization": f"Bearer {client.key('inference')}",
-        "Content-Type": "application/octet-stream",
-    }
-    images = load_split(real_data_root, "test").images[:PREDICTIONS].numpy()
-    url = f"{client.urls['inference']}/predictions/{serve.MODEL_NAME}"
-    for image in images:
-        assert requests.post(url, data=png_bytes(image), headers=headers, timeout=30).status_code == 200
-    after = poll(
-        lambda: (
-            (v := query(prometheus, "sum(ts_inference_requests_total)")) and v >= before + PREDICTIONS and v
-        )
-    )
+    up = wait_for(lambda: query(prometheus, 'up{job="torchserve"}') == 1.0, timeout=60.0, interval=0.25)
+    assert up, "scrape target never came up"
+    before = wait_for(lambda: query(prometheus, "sum(ts_inference_requests_total)"), 10.0, 0.25) or 0.0
+    for image in load_split(real_data_root, "test").images[:PREDICTIONS].numpy():
+        assert client.predict(png_bytes(image)).status_code == 200
+    total = "sum(ts_inference_requests_total)"
+    after = wait_for(lambda: (v := query(prometheus, total)) and v >= before + PREDICTIONS and v, 60.0, 0.25)
     assert after, f"Prometheus never saw {PREDICTIONS} more requests than {before}"
