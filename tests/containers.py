@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from scripts.bench_container import hardened_flags
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,15 +141,6 @@ class Container:
 
     def remove(self) -> None:
         docker("rm", "--force", "--volumes", self.id, check=False)
-
-
-def render(overlay: str) -> list[dict[str, Any]]:
-    """`kubectl kustomize deploy/<overlay>` as a list of objects."""
-    proc = subprocess.run(
-        ["kubectl", "kustomize", str(REPO / "deploy" / overlay)], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, f"kubectl kustomize deploy/{overlay} failed:\n{proc.stderr}"
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:

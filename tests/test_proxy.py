@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.containers import Container, Pod, build_image, hardened_flags, http, render
+from scripts.check_manifests import render
+from tests.containers import Container, Pod, build_image, hardened_flags, http
 from tests.serving import png_bytes
 
 IMAGE = "fashion-mnist-serve:test"

@@ -1,0 +1,118 @@
+"""Render every kustomization under deploy/ and validate the result offline, without a cluster.
+
+    .venv/bin/python -m scripts.check_manifests     # exit 0 when all passes, 1 naming each problem
+
+- `kubectl kustomize` renders deploy/base and deploy/overlays/gke;
+- `kubernetes-validate --strict` checks every rendered object, and deploy/token-secret.template.yaml,
+  against the Kubernetes minor versions GKE's stable channel offers (docs/deploy.md says why these);
+- the PodMonitoring, a CRD kubernetes-validate has no schema for, must match
+  deploy/schemas/podmonitoring-v1.json.
+
+The pre-commit hook `kubernetes-manifests` runs this (so `make test` does); tests/test_deploy.py
+checks with these same functions that each gate rejects a broken manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+# GKE stable channel, checked 2026-11: minor versions 1.34 and 1.35 (1.35 is the default for new
+# clusters). scripts/deploy_gke.sh creates clusters on that channel.
+GKE_STABLE = ["1.34.0", "1.35.0"]
+OVERLAYS = ["base", "overlays/gke"]
+SECRET_TEMPLATE = DEPLOY / "token-secret.template.yaml"
+PODMONITORING_SCHEMA = DEPLOY / "schemas" / "podmonitoring-v1.json"
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    """`kubectl kustomize deploy/<overlay>` as a list of objects."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise RuntimeError("kubectl not found: install it (docs/deploy.md, prerequisites)")
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True, timeout=60
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize deploy/{overlay} failed:\n{proc.stderr}")
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def core_objects(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Everything kubernetes-validate has a schema for (all but the PodMonitoring CRD)."""
+    return [d for d in docs if d["kind"] != "PodMonitoring"]
+
+
+def validate(docs: list[dict[str, Any]], version: str) -> subprocess.CompletedProcess[str]:
+    """`kubernetes-validate --strict -k VERSION` over `docs`; its stdout names each resource."""
+    # kubernetes-validate is installed next to the interpreter (requirements-dev.txt).
+    command = str(Path(sys.executable).with_name("kubernetes-validate"))
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "rendered.yaml"
+        manifest.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+        cmd = [command, "--strict", "-k", version, str(manifest)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def podmonitoring_schema() -> dict[str, Any]:
+    return json.loads(PODMONITORING_SCHEMA.read_text(encoding="utf-8"))
+
+
+def problems() -> list[str]:
+    """Every way deploy/ fails the checks above; empty when it passes."""
+    found: list[str] = []
+    rendered: dict[str, list[dict[str, Any]]] = {}
+    for overlay in OVERLAYS:
+        try:
+            rendered[overlay] = render(overlay)
+        except RuntimeError as err:
+            found.append(str(err))
+    secret = yaml.safe_load(SECRET_TEMPLATE.read_text(encoding="utf-8"))
+    targets = {f"deploy/{name}": core_objects(docs) for name, docs in rendered.items()}
+    targets[str(SECRET_TEMPLATE.relative_to(REPO))] = [secret]
+    for version in GKE_STABLE:
+        for name, docs in targets.items():
+            proc = validate(docs, version)
+            if proc.returncode != 0 or proc.stdout.count("passed for resource") != len(docs):
+                found.append(
+                    f"{name} fails kubernetes-validate --strict -k {version}:\n{proc.stdout}{proc.stderr}"
+                )
+    schema = podmonitoring_schema()
+    for name, docs in rendered.items():
+        for monitoring in (d for d in docs if d["kind"] == "PodMonitoring"):
+            try:
+                jsonschema.validate(monitoring, schema)
+            except jsonschema.ValidationError as err:
+                found.append(
+                    f"deploy/{name}: PodMonitoring breaks {PODMONITORING_SCHEMA.name}: {err.message}"
+                )
+    return found
+
+
+def main() -> int:
+    found = problems()
+    for problem in found:
+        print(problem, file=sys.stderr)
+    if found:
+        print(
+            f"check_manifests: {len(found)} problem(s) in deploy/; fix the manifests above.", file=sys.stderr
+        )
+        return 1
+    print(
+        f"check_manifests: {', '.join(OVERLAYS)} render and validate for Kubernetes {', '.join(GKE_STABLE)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
