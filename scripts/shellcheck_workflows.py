@@ -33,12 +33,20 @@ EXPRESSION = re.compile(r"\$\{\{.*?\}\}")
 
 @dataclass(frozen=True)
 class Script:
-    """One `run:` script: its text, its shell, and the file line its first line sits on."""
+    """One `run:` script: its text, its shell, and where in the file it sits: the line of its first
+    line, and the columns before it (on every line of a block scalar, else on the first only)."""
 
     path: Path
     first_line: int
     shell: str
     text: str
+    indent: int = 0
+    block: bool = True
+
+    def position(self, line: int, column: int) -> tuple[int, int]:
+        """A script's (line, column), both from 1, as the workflow file's (line, column)."""
+        shift = self.indent if self.block or line == 1 else 0
+        return self.first_line + line - 1, column + shift
 
 
 def _get(node: yaml.Node | None, key: str) -> yaml.Node | None:
@@ -57,7 +65,9 @@ def _shell(*nodes: yaml.Node | None) -> str | None:
 
 def scripts(path: Path) -> list[Script]:
     """Every `run:` script of the workflow at `path`, in a shell shellcheck knows."""
-    root = yaml.compose(path.read_text(encoding="utf-8"))
+    source = path.read_text(encoding="utf-8")
+    lines = source.splitlines()
+    root = yaml.compose(source)
     workflow_shell = _get(_get(_get(root, "defaults"), "run"), "shell")
     found = []
     jobs = _get(root, "jobs")
@@ -71,10 +81,16 @@ def scripts(path: Path) -> list[Script]:
             shell = _shell(_get(step, "shell"), job_shell, workflow_shell) or "bash"
             if shell not in SHELLS:
                 continue
-            # A block scalar (`run: |`) starts on the line after its key; marks count from 0.
-            first_line = run.start_mark.line + (2 if run.style in ("|", ">") else 1)
             text = EXPRESSION.sub(lambda m: "_" * len(m.group()), run.value)
-            found.append(Script(path, first_line, shell, text))
+            # Marks count from 0. A block scalar (`run: |`) starts on the line after its key, and
+            # its indentation is cut from every line; a quoted one starts after its quote.
+            if run.style in ("|", ">"):
+                line = lines[run.start_mark.line + 1]
+                indent = len(line) - len(line.lstrip(" "))
+                found.append(Script(path, run.start_mark.line + 2, shell, text, indent, block=True))
+            else:
+                indent = run.start_mark.column + (1 if run.style in ("'", '"') else 0)
+                found.append(Script(path, run.start_mark.line + 1, shell, text, indent, block=False))
     return found
 
 
@@ -93,11 +109,11 @@ def shellcheck(script: Script) -> list[str]:
     )
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"shellcheck failed on {script.path}:{script.first_line}: {proc.stderr}")
-    return [
-        f"{script.path}:{script.first_line + c['line'] - 1}:{c['column']}: "
-        f"{c['level']} SC{c['code']}: {c['message']}"
-        for c in json.loads(proc.stdout)["comments"]
-    ]
+    findings = []
+    for c in json.loads(proc.stdout)["comments"]:
+        line, column = script.position(c["line"], c["column"])
+        findings.append(f"{script.path}:{line}:{column}: {c['level']} SC{c['code']}: {c['message']}")
+    return findings
 
 
 def main(argv: list[str] | None = None) -> int:
