@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from scripts import shellcheck_workflows
-from scripts.shellcheck_workflows import Script, scripts, shellcheck
+from checks import workflow_scripts
+from checks.workflow_scripts import Script, scripts, shellcheck
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -86,13 +86,13 @@ def hook_reports(output: str) -> dict[str, tuple[str, str]]:
 @pytest.fixture(scope="module")
 def broken_repo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
     """`pre-commit run --all-files` over a scratch repository of broken files, with this
-    project's config and tools (.venv, node_modules and scripts/ linked in, not committed)."""
+    project's config and tools (.venv, node_modules and checks/ linked in, not committed)."""
     root = tmp_path_factory.mktemp("hooks")
     subprocess.run(["git", "init", "-q", str(root)], check=True)
     shutil.copy(REPO / ".pre-commit-config.yaml", root)
-    for tool in (".venv", "node_modules", "scripts"):
+    for tool in (".venv", "node_modules", "checks"):
         (root / tool).symlink_to(REPO / tool)
-    (root / ".git" / "info" / "exclude").write_text(".venv\nnode_modules\nscripts\n")
+    (root / ".git" / "info" / "exclude").write_text(".venv\nnode_modules\nchecks\n")
     for name, content, _ in BROKEN.values():
         if content is None:
             continue
@@ -128,7 +128,7 @@ def test_hook_rejects_a_broken_file(broken_repo_run: dict[str, tuple[str, str]],
     assert BROKEN[hook][2] in report, report
 
 
-# --- scripts/shellcheck_workflows.py -------------------------------------------------------------
+# --- checks/workflow_scripts.py -------------------------------------------------------------
 
 
 def workflow(tmp_path: Path, text: str) -> Path:
@@ -186,13 +186,13 @@ def test_scripts_run_in_the_step_shell(
 
 def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     clean = workflow(tmp_path, "on: push\njobs:\n  a:\n    runs-on: x\n    steps:\n      - run: echo hi\n")
-    assert shellcheck_workflows.main([str(clean)]) == 0
+    assert workflow_scripts.main([str(clean)]) == 0
     bad = tmp_path / "bad.yml"
     bad.write_text(BAD_RUN, encoding="utf-8")
-    assert shellcheck_workflows.main([str(bad)]) == 1
+    assert workflow_scripts.main([str(bad)]) == 1
     assert "SC2086" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        shellcheck_workflows.main([str(tmp_path / "missing.yml")])
+        workflow_scripts.main([str(tmp_path / "missing.yml")])
     assert exit_info.value.code == 2
 
 

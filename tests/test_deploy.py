@@ -3,7 +3,7 @@
     python -m pytest tests/test_deploy.py -m "not container"    # offline: render, validate, dry-run
     python -m pytest tests/test_deploy.py                       # also runs the pod with Docker
 
-Offline: every kustomization renders the expected objects; the gates of scripts/check_manifests.py
+Offline: every kustomization renders the expected objects; the gates of checks/manifests.py
 (`kubernetes-validate --strict` for GKE's stable channel, the PodMonitoring schema) reject broken
 manifests (the pre-commit hook runs that script on the real ones, so `make test` does); the
 objects agree with each other; scripts/deploy_gke.sh and cloudbuild.yaml are exercised with
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import yaml
 
-from scripts.check_manifests import GKE_STABLE, OVERLAYS, core_objects, podmonitoring_schema, render, validate
+from checks.manifests import GKE_STABLE, OVERLAYS, core_objects, podmonitoring_schema, render, validate
 from tests.containers import REPO, Pod, build_image, find, http
 from tests.serving import png_bytes
 

