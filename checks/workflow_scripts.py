@@ -85,7 +85,7 @@ def scripts(path: Path) -> list[Script]:
             # Marks count from 0. A block scalar (`run: |`) starts on the line after its key, and
             # its indentation is cut from every line; a quoted one starts after its quote.
             if run.style in ("|", ">"):
-                line = lines[run.start_mark.line + 1]
+                line = next((x for x in lines[run.start_mark.line + 1 :] if x.strip()), "")
                 indent = len(line) - len(line.lstrip(" "))
                 found.append(Script(path, run.start_mark.line + 2, shell, text, indent, block=True))
             else:
@@ -126,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         parser.error(f"no such workflow file: {', '.join(missing)}")
-    findings = [line for path in files for script in scripts(path) for line in shellcheck(script)]
+    findings = []
+    for path in files:
+        try:
+            found = scripts(path)
+        except yaml.YAMLError as err:
+            findings.append(f"{path}: not valid YAML, so its scripts cannot be checked: {err}")
+            continue
+        findings += [line for script in found for line in shellcheck(script)]
     print("\n".join(findings) if findings else f"workflow_scripts: {len(files)} workflow(s) clean")
     return 1 if findings else 0
 

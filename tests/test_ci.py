@@ -71,7 +71,7 @@ def hook_reports(output: str) -> dict[str, tuple[str, str]]:
     """pre-commit's output as {hook id: (status, report)}."""
     reports: dict[str, tuple[str, str]] = {}
     status, lines = "", []
-    for line in [*output.splitlines(), "end...Passed"]:
+    for line in [*output.splitlines(), "end...Passed"]:  # a last status line closes the last report
         match = STATUS.match(line)
         if match:
             ids = [x.removeprefix("- hook id: ") for x in lines if x.startswith("- hook id: ")]
@@ -191,6 +191,9 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     bad.write_text(BAD_RUN, encoding="utf-8")
     assert workflow_scripts.main([str(bad)]) == 1
     assert "SC2086" in capsys.readouterr().out
+    bad.write_text("jobs: [unclosed\n", encoding="utf-8")
+    assert workflow_scripts.main([str(bad)]) == 1
+    assert "not valid YAML" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         workflow_scripts.main([str(tmp_path / "missing.yml")])
     assert exit_info.value.code == 2
