@@ -38,7 +38,9 @@ while IFS= read -r token || [ -n "$token" ]; do
         echo "proxy.sh: a token in $tokens is not 32 to 128 characters long; $secret_hint" >&2
         exit 2
     fi
-    printf '"Bearer %s" 1;\n' "$token" >>"$map.new"
+    # A case-sensitive regex (nginx.conf says why); `.` and `+` are the token characters that
+    # mean something in a regex, so they become one-character classes.
+    printf '"~^Bearer %s$" 1;\n' "$(printf '%s' "$token" | sed 's/[.+]/[&]/g')" >>"$map.new"
     count=$((count + 1))
 done <"$tokens"
 if [ "$count" -eq 0 ]; then
