@@ -271,6 +271,7 @@ def test_registration_refuses_archives_outside_the_store(
 @pytest.mark.serving
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,  # the 200 of the registration; any other error is a real failure
     reason="TorchServe 0.12 registers any existing directory given as an absolute url, and no "
     "setting turns that off; the management key and the loopback binding are the guard "
     "(docs/reliability.md, 'Residual risks')",
@@ -360,13 +361,15 @@ def test_no_key_reaches_a_log_or_the_status_command(
         bad = {"Authorization": f"Bearer {keys(server)[api]}x"}
         assert (
             requests.get(
-                url(server, api, "/models" if api == "management" else "/ping"), headers=bad
+                url(server, api, "/models" if api == "management" else "/ping"), headers=bad, timeout=30
             ).status_code
             == 400
         )
     api_key = keys(server)["API"]
     renewed = requests.post(
-        url(server, "management", "/token?type=inference"), headers={"Authorization": f"Bearer {api_key}"}
+        url(server, "management", "/token?type=inference"),
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=30,
     )
     assert renewed.status_code == 200
     seen |= set(keys(server).values())

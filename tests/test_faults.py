@@ -129,13 +129,15 @@ def test_worker_killed_under_load_is_restarted_and_only_its_batch_fails(
             f"{len(failed)} failed ({sorted({(s.status, s.error) for s in failed})}); "
             f"new worker READY after {ready_at - killed_at:.1f} s"
         )
-    # Only the batch the worker held when it died may fail: at most one batch, all sent before
-    # the replacement was ready; every request after that succeeded.
-    assert len(failed) <= BATCH_SIZE, failed
+    # Exactly the batch the worker held when it died fails: under constant load the frontend
+    # always has jobs waiting for the worker, so at least one request and at most one batch, all
+    # sent before the replacement was ready; every request after that succeeded.
+    assert 1 <= len(failed) <= BATCH_SIZE, failed
     assert all(s.due < ready_at for s in failed), failed
     assert [s for s in samples if s.due >= ready_at and s.status != 200] == []
-    # TorchServe answers them 507 {"type": "InternalServerException", "message": "Worker died."}.
-    assert {s.status for s in failed} <= {507}, "a failed request got no clean HTTP error"
+    # TorchServe answers them {"type": "InternalServerException", "message": "Worker died."} with
+    # 507 or 500: the status depends on where its worker thread notices the death.
+    assert {s.status for s in failed} <= {500, 507}, "a failed request got no clean HTTP error"
     assert client.ping() == {"status": "Healthy"}
 
 
