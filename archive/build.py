@@ -68,8 +68,9 @@ class Export:
 class ServingConfig:
     """model-config.yaml: per-model TorchServe settings shipped inside the archive.
 
-    The defaults suit a 2-core host: one worker is always warm, a second one is added under load,
-    and up to 8 requests that arrive within 5 ms share one forward pass.
+    The defaults suit a 2-core host: TorchServe 0.12 starts `min_workers` (one, always warm) and
+    never adds workers by itself; `max_workers` is only the ceiling a management-API scale call may
+    set. Up to 8 requests that arrive within 5 ms share one forward pass.
     """
 
     min_workers: int = 1
@@ -330,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--store", type=Path, default=REPO_ROOT / "model_store", help="TorchServe model store")
     add("--name", default="fashion_mnist", help="model name in TorchServe and in the file name")
     add("--min-workers", type=int, default=defaults.min_workers, help="workers kept running")
-    add("--max-workers", type=int, default=defaults.max_workers, help="workers TorchServe may scale to")
+    add("--max-workers", type=int, default=defaults.max_workers, help="ceiling for scale calls")
     add("--batch-size", type=int, default=defaults.batch_size, help="requests per forward pass, at most")
     add("--max-batch-delay", type=int, default=defaults.max_batch_delay, help="ms a batch waits to fill")
     add(
