@@ -4,9 +4,11 @@
 #     docker run --rm -p 127.0.0.1:8080:8080 fashion-mnist-serve     # the image's CMD runs this
 #
 # TorchServe reads TS_CONFIG_FILE (the image's docker/config.properties; the Kubernetes pod points
-# it at its ConfigMap). SIGTERM or SIGINT stops TorchServe with its own `torchserve --stop`, which
-# waits for the JVM to exit, and then this script exits 0. If TorchServe ends by itself, the script
-# exits 1 so that a restart policy sees a failure; a missing archive exits 2 before anything starts.
+# it at its ConfigMap). SIGTERM or SIGINT first drains TorchServe (docker/drain.py: requests it has
+# accepted get their answers, later ones are refused at once), then stops it with its own
+# `torchserve --stop`, which waits for the JVM to exit, and then this script exits 0. If TorchServe
+# ends by itself, the script exits 1 so that a restart policy sees a failure; a missing archive
+# exits 2 before anything starts.
 set -eu
 
 config=${TS_CONFIG_FILE:?TS_CONFIG_FILE must name TorchServe config.properties}
@@ -25,7 +27,9 @@ torchserve --foreground --ncs --ts-config "$config" --log-config /opt/fashion-se
 launcher=$!
 
 stopping=""
-trap 'stopping=1; torchserve --stop --foreground' TERM INT
+# Drain first (docker/drain.py: cut off new requests, answer the accepted ones, scale to zero
+# workers); whatever it reports, TorchServe is stopped after it.
+trap 'stopping=1; python3 /opt/fashion-serve/drain.py || true; torchserve --stop --foreground' TERM INT
 status=0
 wait "$launcher" || status=$?
 if [ -n "$stopping" ]; then

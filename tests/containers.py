@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import threading
 import time
@@ -47,7 +48,9 @@ def ensure_engine() -> None:
 def build_image(tag: str, target: str = "serve", mar: Path | None = None, train: bool = False) -> str:
     """Build with the project's own command, once per session; returns the tag.
 
-    `train` builds Dockerfile.train instead of the serving image's `target`."""
+    `train` builds Dockerfile.train instead of the serving image's `target`. FASHION_TEST_TAG
+    replaces the "test" of a ":test..." tag, so checkouts sharing one engine don't share images."""
+    tag = tag.replace(":test", ":" + os.environ.get("FASHION_TEST_TAG", "test"), 1)
     ensure_engine()
     cmd = [str(REPO / "scripts" / "build_image.sh"), "--tag", tag]
     cmd += ["--train"] if train else ["--target", target]
