@@ -112,12 +112,13 @@ def compressed_size(image: str) -> int:
     return len(gzip.stdout)
 
 
-def write_doc(block: str) -> None:
+def write_doc(block: str, start: str = START, end: str = END) -> None:
+    """Replace what lies between the `start` and `end` markers of docs/deploy.md with `block`."""
     text = DOC.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise SystemExit(f"{DOC} lacks the {START} ... {END} markers; restore them from git")
-    head, rest = text.split(START, 1)
-    DOC.write_text(head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
+    if start not in text or end not in text:
+        raise SystemExit(f"{DOC} lacks the {start} ... {end} markers; restore them from git")
+    head, rest = text.split(start, 1)
+    DOC.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,11 +34,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from scripts.bench_container import docker, hardened_flags, predict, read_key
+from scripts.bench_container import docker, hardened_flags, predict, read_key, write_doc
 from scripts.soak import Sample, drive
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "deploy.md"
 START, END = "<!-- bench_container_memory:start -->", "<!-- bench_container_memory:end -->"
 MANIFEST = REPO / "deploy" / "base" / "deployment.yaml"
 CONFIG_IN_CONTAINER = "/etc/fashion-mnist/torchserve/config.properties"
@@ -158,14 +157,6 @@ def outcomes(samples: list[Sample]) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
 
 
-def write_doc(block: str) -> None:
-    text = DOC.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise SystemExit(f"{DOC} lacks the {START} ... {END} markers; restore them from git")
-    head, rest = text.split(START, 1)
-    DOC.write_text(head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default="fashion-mnist-serve:dev", help="%(default)s")
@@ -255,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{command}` (after `scripts/build_image.sh`).",
         ]
     )
-    write_doc(block)
+    write_doc(block, START, END)
     print(block)
     return 0
 
