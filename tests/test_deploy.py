@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from checks.manifests import GKE_STABLE, OVERLAYS, core_objects, podmonitoring_schema, render, validate
-from tests.containers import REPO, Pod, build_image, find, http
+from tests.containers import REPO, Pod, build_image, find, http, wait_for
 from tests.serving import png_bytes
 
 IMAGE = "fashion-mnist-serve:test"
@@ -464,6 +464,9 @@ def test_pod_deletion_drains_cleanly(
         url = f"http://127.0.0.1:{pod.port('http')}/predictions/fashion_mnist"
         body = png_bytes(np.zeros((28, 28), dtype=np.uint8))
         headers = {"Authorization": f"Bearer {'1' * 64}", "Content-Type": "application/octet-stream"}
+        # Ready means TorchServe's /ping, which says Healthy while the worker may still be loading;
+        # a loaded machine can take longer than the client's timeout for that first answer.
+        wait_for(lambda: http("POST", url, body, headers, timeout=60)[0] == 200, 120, "a first prediction")
         answers: list[int] = []
         done = threading.Event()
 
