@@ -18,11 +18,13 @@ import argparse
 import gzip
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +59,22 @@ MD5 = {
 # Where Debian's package puts the files; the variable points elsewhere (or nowhere) if needed.
 DEBIAN_DIR = Path(os.environ.get("FASHION_MNIST_DEBIAN_DIR", "/usr/share/datasets/fashion-mnist"))
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
+REFETCH = f"delete it and fetch it again (apt-get install --reinstall {DEBIAN_PACKAGE}, or re-download)"
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+IMAGE_SHAPE = (28, 28)
+# What each file must hold once parsed: images are (N, 28, 28), labels (N,) class indices.
+IDX_NDIM = {name: 3 if "-images-" in name else 1 for name in MD5}
+# Everything gzip can raise on a damaged stream: a bad header (OSError), a cut-off stream (EOFError),
+# a corrupt deflate block (zlib.error, which is neither).
+GZIP_ERRORS = (OSError, EOFError, zlib.error)
 
 
 class DataError(RuntimeError):
-    """The data could not be found or failed verification. The message says how to fix it."""
+    """The data could not be found or failed verification. The message says how to fix it.
+
+    Every error about one file starts with that file's path and fits on one line.
+    """
 
 
 @dataclass(frozen=True)
@@ -88,19 +100,19 @@ def _read_chunks(fh: BinaryIO) -> Iterable[bytes]:
 def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
     """Parse an IDX file (uncompressed bytes): big-endian magic, dims, then uint8 data."""
     if len(raw) < 4:
-        raise DataError(f"{name}: too short to be an IDX file ({len(raw)} bytes)")
+        raise DataError(f"{name}: too short to be an IDX file ({len(raw)} bytes); {REFETCH}")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
-        raise DataError(f"{name}: not a uint8 IDX file (magic {raw[:4].hex()})")
+        raise DataError(f"{name}: not a uint8 IDX file (magic {raw[:4].hex()}); {REFETCH}")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{name}: truncated IDX header")
+        raise DataError(f"{name}: truncated IDX header; {REFETCH}")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # Python ints: four-byte dims multiplied in int64 could wrap around
     if len(raw) - header != expected:
         raise DataError(
             f"{name}: truncated or padded: header declares {dims} ({expected} bytes), "
-            f"file holds {len(raw) - header}"
+            f"file holds {len(raw) - header}; {REFETCH}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
@@ -129,15 +141,12 @@ def verify(raw_dir: Path, checksums: Mapping[str, tuple[str, str]] = MD5) -> dic
             try:
                 with gzip.open(path, "rb") as fh:
                     actual = _md5(_read_chunks(fh))
-            except (OSError, EOFError) as exc:
-                raise DataError(
-                    f"{path}: not a valid gzip file ({exc}); delete it and fetch it again"
-                ) from exc
+            except GZIP_ERRORS as exc:
+                raise _gzip_error(path, exc) from exc
             if actual != idx_md5:
                 raise DataError(
-                    f"checksum mismatch for {path}: md5 {actual}, expected {gz_md5} (gzip) or "
-                    f"{idx_md5} (payload). The file is corrupt or not Fashion-MNIST; delete it and fetch "
-                    f"it again (apt-get install --reinstall {DEBIAN_PACKAGE}, or re-download)."
+                    f"{path}: checksum mismatch: md5 {actual}, expected {gz_md5} (gzip) or "
+                    f"{idx_md5} (payload). The file is corrupt or not Fashion-MNIST; {REFETCH}."
                 )
         sums[name] = actual
     return sums
@@ -191,20 +200,39 @@ def locate(
     )
 
 
+def _gzip_error(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"{path}: not a valid gzip file ({exc}); {REFETCH}")
+
+
+def _check_shape(array: np.ndarray, name: str, path: Path) -> None:
+    """Images must be (N, 28, 28) and labels (N,) indices into CLASSES."""
+    if array.ndim != IDX_NDIM[name] or (array.ndim == 3 and array.shape[1:] != IMAGE_SHAPE):
+        want = f"(N, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]}) images" if IDX_NDIM[name] == 3 else "(N,) labels"
+        raise DataError(f"{path}: holds an array of shape {array.shape}, expected {want}; {REFETCH}")
+    if array.ndim == 1 and array.size and int(array.max()) >= len(CLASSES):
+        raise DataError(
+            f"{path}: label {int(array.max())} is out of range (classes are 0..{len(CLASSES) - 1}); {REFETCH}"
+        )
+
+
 def load_raw(raw_dir: Path) -> dict[str, np.ndarray]:
+    """Decompress, parse and shape-check the four files; DataError names the first bad one."""
     arrays = {}
     for name in MD5:
-        with gzip.open(raw_dir / name, "rb") as fh:
-            try:
+        path = raw_dir / name
+        try:
+            with gzip.open(path, "rb") as fh:
                 raw = fh.read()
-            except (OSError, EOFError) as exc:
-                raise DataError(f"{raw_dir / name}: not a valid gzip file ({exc})") from exc
-        arrays[name] = parse_idx(raw, str(raw_dir / name))
+        except GZIP_ERRORS as exc:
+            raise _gzip_error(path, exc) from exc
+        arrays[name] = parse_idx(raw, str(path))
+        _check_shape(arrays[name], name, path)
     for prefix in ("train", "t10k"):
         n_img = len(arrays[f"{prefix}-images-idx3-ubyte.gz"])
-        n_lab = len(arrays[f"{prefix}-labels-idx1-ubyte.gz"])
+        labels = raw_dir / f"{prefix}-labels-idx1-ubyte.gz"
+        n_lab = len(arrays[labels.name])
         if n_img != n_lab:
-            raise DataError(f"{raw_dir}: {prefix} has {n_img} images but {n_lab} labels")
+            raise DataError(f"{labels}: {n_lab} labels for {n_img} {prefix} images; {REFETCH}")
     return arrays
 
 
@@ -245,9 +273,11 @@ def prepare(
     sums = verify(raw_dir, MD5 if checksums is None else checksums)
     existing = processed / MANIFEST
     if existing.is_file() and not force:
-        old = json.loads(existing.read_text())
+        old = read_manifest(processed)
         same = old.get("checksums") == sums and old.get("split") == {"val_size": val_size, "seed": seed}
-        if same and all((processed / f"{s}.pt").is_file() for s in SPLITS):
+        if same and "files" in old:  # manifests from before file hashes were recorded: rebuild
+            for split in SPLITS:
+                check_processed(processed, split, old)
             return old
     t0 = time.perf_counter()
     arrays = load_raw(raw_dir)
@@ -261,14 +291,17 @@ def prepare(
     processed.mkdir(parents=True, exist_ok=True)
     # The manifest goes last and is removed first: its presence means the tensors are complete.
     existing.unlink(missing_ok=True)
+    files = {}
     for name, (x, y) in splits.items():
         payload = {"images": torch.from_numpy(x.copy()), "labels": torch.from_numpy(y.astype(np.int64))}
         _atomic_write(processed / f"{name}.pt", lambda tmp, p=payload: torch.save(p, tmp))
+        files[f"{name}.pt"] = _sha256(processed / f"{name}.pt")
     manifest = {
         "dataset": "fashion-mnist",
         "source": source,
         "raw_dir": str(raw_dir),
         "checksums": sums,
+        "files": files,  # sha256 of each tensor file: readers refuse files changed since
         "split": {"val_size": val_size, "seed": seed},
         "counts": {name: len(y) for name, (_, y) in splits.items()},
         "classes": CLASSES,
@@ -282,11 +315,58 @@ def load_split(out_dir: Path, name: str) -> Split:
     """Load one processed split; says which command creates it when it is missing."""
     if name not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-    path = out_dir / "processed" / f"{name}.pt"
-    if not (out_dir / "processed" / MANIFEST).is_file() or not path.is_file():
+    processed = out_dir / "processed"
+    path = processed / f"{name}.pt"
+    if not (processed / MANIFEST).is_file() or not path.is_file():
         raise DataError(f"{path} not found; run `python -m training.data --out {out_dir}` first")
+    manifest = read_manifest(processed)
+    if "files" not in manifest:
+        raise DataError(
+            f"{processed / MANIFEST}: written by an older version of this step; "
+            f"run `python -m training.data --out {out_dir}` to rebuild it"
+        )
+    check_processed(processed, name, manifest)
     blob = torch.load(path, weights_only=True)
     return Split(blob["images"], blob["labels"])
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _rebuild_hint(processed: Path) -> str:
+    return f"rebuild it with `python -m training.data --out {processed.parent} --force`"
+
+
+def read_manifest(processed: Path) -> dict:
+    """The manifest of a processed directory; DataError naming it if it is not one this step wrote."""
+    path = processed / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise DataError(f"{path}: not a readable manifest ({exc}); {_rebuild_hint(processed)}") from exc
+    shape = {"source": str, "raw_dir": str, "checksums": dict, "split": dict, "counts": dict}
+    ok = isinstance(manifest, dict) and all(isinstance(manifest.get(k), t) for k, t in shape.items())
+    files = manifest.get("files", {}) if ok else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise DataError(f"{path}: not a manifest written by this step; {_rebuild_hint(processed)}")
+    return manifest
+
+
+def check_processed(processed: Path, split: str, manifest: dict) -> None:
+    """Refuse a tensor file that differs from what `prepare` wrote (edited, truncated, swapped)."""
+    path = processed / f"{split}.pt"
+    expected = manifest["files"].get(path.name)
+    try:
+        actual = _sha256(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc}); {_rebuild_hint(processed)}") from exc
+    if actual != expected:
+        raise DataError(
+            f"{path}: changed since `python -m training.data` wrote it (sha256 {actual[:12]}..., "
+            f"manifest says {str(expected)[:12]}...); {_rebuild_hint(processed)}"
+        )
 
 
 def write_samples(out_dir: Path, dest: Path, count: int) -> list[tuple[Path, str]]:
