@@ -1,20 +1,21 @@
 """Build model_store/<name>.mar from an export directory, and prove it answers before publishing it.
 
-    python -m archive.build            # artifacts/model -> model_store/fashion_mnist.mar
+    python -m archive.build            # <repo>/artifacts/model -> <repo>/model_store/fashion_mnist.mar
     python -m archive.build --export-dir X --store Y --batch-size 8 --max-batch-delay 5 --max-workers 2
 
 1. Validate the export written by `python -m training.export`: model.pt, model_meta.json and
-   index_to_name.json exist inside the export directory (symlinks resolved), the metadata has the
-   fields serving needs, both files list the same classes, and the model's output has one score
-   per class.
+   index_to_name.json exist inside the export directory (symlinks resolved), the metadata loads as a
+   valid handler.meta.ModelMeta (both files list the same classes), and the model's output has one
+   score per class. The archive's model name and version are the metadata's unless --name is given.
 2. Stage the handler package (handler/*.py only) with the metadata, write model-config.yaml from
    the flags, and run torch-model-archiver in a fresh process with a private TMPDIR (it stages in
-   $TMPDIR/<name>, which concurrent builds would otherwise share). The archive version is
-   model_meta.json's "version".
+   $TMPDIR/<name>, which concurrent builds would otherwise share).
 3. Unpack the archive and answer a PNG and a bad body with TorchServe's own worker code in a fresh
    interpreter that can import only the archive (archive/selfcheck.py).
 4. Only then move the archive into the store with an atomic rename, so a failed build never leaves
    a partial or unchecked <name>.mar behind.
+
+Exit codes: 2 when the export or the flags need fixing, 1 when the archiver or the self-check fails.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,21 +36,22 @@ from typing import Any
 import torch
 import yaml
 
-from handler.postprocess import class_names
+from handler.meta import NAME_PATTERN, MetaError, ModelMeta
 from handler.preprocess import PreprocessSpec
+from training.cli import EXIT_USAGE, EXPORT_DIR, MODEL_STORE, REPO_ROOT, StageError, run_stage
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PROG = "python -m archive.build"
 HANDLER_PACKAGE = REPO_ROOT / "handler"
 HANDLER_MODULE = "fashion_handler.py"
 SELFCHECK = Path(__file__).resolve().parent / "selfcheck.py"
 EXPORT_HINT = "run `python -m training.export` (or point --export-dir at an export)"
-REQUIRED_META = ("name", "version", "classes", "preprocess")
-# Model names and versions appear in URLs (/predictions/<name>/<version>) and file names.
-NAME_PATTERN = VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ArchiveError(Exception):
-    """The archive cannot be built as asked; the message says what to fix."""
+class ArchiveError(StageError):
+    """The archive cannot be built as asked; the message says what to fix.
+
+    Exit 2 (`exit_code=EXIT_USAGE`) where the export or the flags are at fault, 1 where a build step failed.
+    """
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,12 @@ class Export:
     model: Path
     meta_file: Path
     index_file: Path
-    version: str
+    meta: ModelMeta
     model_sha256: str
+
+    @property
+    def version(self) -> str:
+        return self.meta.version
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,13 @@ class ServingConfig:
 
     def to_yaml(self) -> str:
         if not 1 <= self.min_workers <= self.max_workers:
-            raise ArchiveError("need 1 <= --min-workers <= --max-workers")
+            raise ArchiveError("need 1 <= --min-workers <= --max-workers", exit_code=EXIT_USAGE)
         if self.batch_size < 1 or self.max_batch_delay < 0:
-            raise ArchiveError("need --batch-size >= 1 and --max-batch-delay >= 0")
+            raise ArchiveError("need --batch-size >= 1 and --max-batch-delay >= 0", exit_code=EXIT_USAGE)
         if self.response_timeout < 1 or self.startup_timeout < 1:
-            raise ArchiveError("need --response-timeout >= 1 and --startup-timeout >= 1")
+            raise ArchiveError(
+                "need --response-timeout >= 1 and --startup-timeout >= 1", exit_code=EXIT_USAGE
+            )
         config = {
             "minWorkers": self.min_workers,
             "maxWorkers": self.max_workers,
@@ -115,54 +122,45 @@ def require_inside(path: Path, root: Path, what: str, missing_hint: str = EXPORT
     """Resolve symlinks and refuse files that end up outside `root` (or do not exist)."""
     resolved, base = path.resolve(), root.resolve()
     if not resolved.is_relative_to(base):
-        raise ArchiveError(f"{what} {path} resolves to {resolved}, outside {base}; copy the real file there")
+        raise ArchiveError(
+            f"{what} {path} resolves to {resolved}, outside {base}; copy the real file there",
+            exit_code=EXIT_USAGE,
+        )
     if not resolved.is_file():
-        raise ArchiveError(f"{what} {path} not found; {missing_hint}")
+        raise ArchiveError(f"{what} {path} not found; {missing_hint}", exit_code=EXIT_USAGE)
     return resolved
 
 
 def validate_export(export_dir: Path) -> Export:
     """Check an export directory is complete and self-consistent; raise ArchiveError saying what is wrong."""
     if not export_dir.is_dir():
-        raise ArchiveError(f"export directory {export_dir} not found; {EXPORT_HINT}")
+        raise ArchiveError(f"export directory {export_dir} not found; {EXPORT_HINT}", exit_code=EXIT_USAGE)
     model = require_inside(export_dir / "model.pt", export_dir, "model file")
     meta_file = require_inside(export_dir / "model_meta.json", export_dir, "metadata file")
     index_file = require_inside(export_dir / "index_to_name.json", export_dir, "class index file")
-    meta = _read_json(meta_file)
-    missing = [key for key in REQUIRED_META if key not in meta]
-    if missing:
-        raise ArchiveError(
-            f"{meta_file} lacks {missing}; re-export the model with `python -m training.export`"
-        )
     try:
-        spec = PreprocessSpec.from_meta(meta)
-        classes = class_names(_read_json(index_file))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArchiveError(f"{export_dir}: {exc}") from exc
-    if classes != meta["classes"]:
-        raise ArchiveError(
-            f"{index_file} lists {classes} but {meta_file} lists {meta['classes']}; "
-            "both must come from the same `python -m training.export` run"
-        )
-    version = str(meta["version"])
-    if not VERSION_PATTERN.match(version):
-        raise ArchiveError(f"{meta_file} version {version!r} must match {VERSION_PATTERN.pattern}")
-    _check_model_output(model, spec, len(classes))
-    return Export(model, meta_file, index_file, version, _sha256(model))
+        meta = ModelMeta.load(export_dir)
+    except MetaError as exc:
+        raise ArchiveError(str(exc), exit_code=EXIT_USAGE) from exc
+    _check_model_output(model, meta.preprocess, len(meta.classes))
+    return Export(model, meta_file, index_file, meta, _sha256(model))
 
 
 def build(
     export_dir: Path,
     store: Path,
-    name: str = "fashion_mnist",
+    name: str | None = None,
     config: ServingConfig | None = None,
     force: bool = False,
 ) -> BuildResult:
-    """Validate, archive, self-check, then atomically publish store/<name>.mar."""
-    if not NAME_PATTERN.match(name):
-        raise ArchiveError(f"model name {name!r} must match {NAME_PATTERN.pattern} (TorchServe's rule)")
+    """Validate, archive, self-check, then atomically publish store/<name>.mar (name: the export's)."""
+    if name is not None and not NAME_PATTERN.match(name):
+        raise ArchiveError(
+            f"model name {name!r} must match {NAME_PATTERN.pattern} (TorchServe's rule)", exit_code=EXIT_USAGE
+        )
     config_yaml = (config or ServingConfig()).to_yaml()
     export = validate_export(export_dir)
+    name = name or export.meta.name
     target = store / f"{name}.mar"
     replaced = _replacement_note(target, export, force)
     store.mkdir(parents=True, exist_ok=True)
@@ -179,16 +177,21 @@ def _check_model_output(model_file: Path, spec: PreprocessSpec, num_classes: int
     try:
         model = torch.jit.load(str(model_file), map_location="cpu").eval()
     except RuntimeError as exc:
-        raise ArchiveError(f"{model_file} is not a TorchScript model ({exc}); {EXPORT_HINT}") from exc
+        raise ArchiveError(
+            f"{model_file} is not a TorchScript model ({exc}); {EXPORT_HINT}", exit_code=EXIT_USAGE
+        ) from exc
     try:
         with torch.inference_mode():
             out = model(torch.zeros(1, *spec.input_shape))
     except RuntimeError as exc:
-        raise ArchiveError(f"{model_file} fails on input of shape {[1, *spec.input_shape]}: {exc}") from exc
+        raise ArchiveError(
+            f"{model_file} fails on input of shape {[1, *spec.input_shape]}: {exc}", exit_code=EXIT_USAGE
+        ) from exc
     if tuple(out.shape) != (1, num_classes):
         raise ArchiveError(
             f"{model_file} outputs shape {tuple(out.shape)} but the metadata lists {num_classes} classes; "
-            "re-export the model with `python -m training.export`"
+            "re-export the model with `python -m training.export`",
+            exit_code=EXIT_USAGE,
         )
 
 
@@ -211,12 +214,14 @@ def _replacement_note(target: Path, export: Export, force: bool) -> str | None:
                 old_sha = hashlib.file_digest(old_model, "sha256").hexdigest()
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ArchiveError(
-            f"{target} exists but is not a readable model archive ({exc}); pass --force to overwrite it"
+            f"{target} exists but is not a readable model archive ({exc}); pass --force to overwrite it",
+            exit_code=EXIT_USAGE,
         ) from exc
     if old_version == export.version and old_sha != export.model_sha256:
         raise ArchiveError(
             f"{target} already holds version {old_version} of a different model.pt; give the new model "
-            "its own version in `python -m training.export`, or pass --force to overwrite"
+            "its own version in `python -m training.export`, or pass --force to overwrite",
+            exit_code=EXIT_USAGE,
         )
     return f"replaced version {old_version}" + (" (same model)" if old_sha == export.model_sha256 else "")
 
@@ -297,13 +302,6 @@ def _publish(mar: Path, target: Path) -> None:
         raise
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArchiveError(f"{path} is not valid JSON ({exc}); {EXPORT_HINT}") from exc
-
-
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -316,7 +314,7 @@ def _tail(text: str, lines: int = 25) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ServingConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m archive.build",
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=(
@@ -325,11 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     add = parser.add_argument
-    add(
-        "--export-dir", type=Path, default=REPO_ROOT / "artifacts" / "model", help="output of training.export"
-    )
-    add("--store", type=Path, default=REPO_ROOT / "model_store", help="TorchServe model store")
-    add("--name", default="fashion_mnist", help="model name in TorchServe and in the file name")
+    add("--export-dir", type=Path, default=EXPORT_DIR, help="output of training.export")
+    add("--store", type=Path, default=MODEL_STORE, help="TorchServe model store")
+    add("--name", help="model name in TorchServe and in the file name (default: the export's)")
     add("--min-workers", type=int, default=defaults.min_workers, help="workers kept running")
     add("--max-workers", type=int, default=defaults.max_workers, help="ceiling for scale calls")
     add("--batch-size", type=int, default=defaults.batch_size, help="requests per forward pass, at most")
@@ -352,20 +348,21 @@ def main(argv: list[str] | None = None) -> int:
         args.response_timeout,
         args.startup_timeout,
     )
-    try:
+
+    def run() -> None:
         result = build(args.export_dir, args.store, args.name, config, args.force)
-    except ArchiveError as exc:
-        print(f"archive.build: error: {exc}", file=sys.stderr)
-        return 1
-    top = result.check_summary["top"]
-    print(f"self-check passed: PNG -> 200 (top: {top['label']} {top['probability']:.3f}), bad body -> 400")
-    if result.replaced:
-        print(f"existing archive {result.replaced}")
-    print(f"archive: {result.path}")
-    print(f"size:    {result.size} bytes ({result.size / 1024:.1f} KiB)")
-    print(f"version: {result.version}")
-    print(f"sha256:  {result.sha256}")
-    return 0
+        top = result.check_summary["top"]
+        print(
+            f"self-check passed: PNG -> 200 (top: {top['label']} {top['probability']:.3f}), bad body -> 400"
+        )
+        if result.replaced:
+            print(f"existing archive {result.replaced}")
+        print(f"archive: {result.path}")
+        print(f"size:    {result.size} bytes ({result.size / 1024:.1f} KiB)")
+        print(f"version: {result.version}")
+        print(f"sha256:  {result.sha256}")
+
+    return run_stage(PROG, run)
 
 
 if __name__ == "__main__":

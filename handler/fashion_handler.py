@@ -15,7 +15,6 @@ module defines exactly one class and no module-level `handle` function.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -27,9 +26,10 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.meta import ModelMeta
 from handler.payload import parse_request
-from handler.postprocess import class_names, prediction_body, probabilities
-from handler.preprocess import InputError, PreprocessSpec, preprocess
+from handler.postprocess import prediction_body, probabilities
+from handler.preprocess import InputError, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +75,9 @@ class FashionMNISTHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         threads = configure_threads()
         model_dir = Path(context.system_properties["model_dir"])
-        meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
-        index_to_name = json.loads((model_dir / "index_to_name.json").read_text(encoding="utf-8"))
-        self.classes = class_names(index_to_name)
-        if self.classes != meta["classes"]:
-            raise RuntimeError(
-                "index_to_name.json and model_meta.json list different classes; "
-                "rebuild the archive from one export with `python -m archive.build`"
-            )
-        self.spec = PreprocessSpec.from_meta(meta)
-        self.model_name = meta["name"]
-        self.version = str(meta["version"])
+        meta = ModelMeta.load(model_dir)
+        self.classes, self.spec = meta.classes, meta.preprocess
+        self.model_name, self.version = meta.name, meta.version
         # The manifest's file name comes from the archive: an absolute path or "../" in it would load
         # a model from elsewhere on the host instead of the one the archive step checked.
         model_file = (model_dir / context.manifest["model"]["serializedFile"]).resolve()

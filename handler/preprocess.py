@@ -7,7 +7,7 @@ these functions, and the parameters (`PreprocessSpec`) travel inside the exporte
 This module ships inside the `.mar` (as `handler/preprocess.py`), so it depends
 only on torch, numpy and Pillow.
 
-    >>> spec = PreprocessSpec.from_meta(json.load(open("artifacts/model/model_meta.json")))
+    >>> spec = ModelMeta.load(Path("artifacts/model")).preprocess    # handler/meta.py
     >>> x = preprocess(open("shirt.png", "rb").read(), spec)   # (1, 28, 28) float32
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,6 @@ class PreprocessSpec:
     # Pixel-count limit checked from the header, before any pixel is decoded.
     max_pixels: int = 40_000_000
     resample: str = "bilinear"
-    color_mode: str = field(default="L", init=False)
 
     @property
     def input_shape(self) -> list[int]:

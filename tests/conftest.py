@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from handler.preprocess import PreprocessSpec
+from handler.meta import ModelMeta
 from model import FashionCNN
 from training import data as data_mod
 from training.config import register_configs
@@ -44,16 +43,8 @@ def make_random_export(
     torch.manual_seed(seed)
     model = FashionCNN(num_classes=model_classes, width=8, depth=1).eval()
     torch.jit.script(model).save(str(directory / "model.pt"))
-    meta = {
-        "name": "fashion_mnist",
-        "version": version,
-        "architecture": {"class": "FashionCNN", "width": 8, "depth": 1, "dropout": 0.25},
-        "preprocess": PreprocessSpec().to_meta(),
-        "classes": list(classes),
-    }
-    (directory / "model_meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    index = {str(i): name for i, name in enumerate(classes)}
-    (directory / "index_to_name.json").write_text(json.dumps(index), encoding="utf-8")
+    architecture = {"class": "FashionCNN", "width": 8, "depth": 1, "dropout": 0.25}
+    ModelMeta(version=version, classes=list(classes), architecture=architecture).save(directory)
     return directory
 
 

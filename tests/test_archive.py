@@ -209,7 +209,7 @@ def test_broken_exports_are_refused_and_nothing_is_written(tmp_path, case):
 
 
 def test_missing_export_dir_names_the_export_command(tmp_path, capsys):
-    assert main(["--export-dir", str(tmp_path / "nothing"), "--store", str(tmp_path / "store")]) == 1
+    assert main(["--export-dir", str(tmp_path / "nothing"), "--store", str(tmp_path / "store")]) == 2
     assert "run `python -m training.export`" in capsys.readouterr().err
 
 

@@ -97,7 +97,7 @@ def run_cli(raw: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[i
 def assert_clean_failure(code: int, err: str, named: Path) -> None:
     assert code == 2, f"expected exit 2, got {code}: {err}"
     assert "Traceback" not in err and err.count("\n") == 1, f"expected one line, got:\n{err}"
-    assert err.startswith(f"error: {named}"), f"the error must name {named}: {err}"
+    assert err.startswith(f"{data_mod.PROG}: error: {named}"), f"the error must name {named}: {err}"
 
 
 def payload(blob: bytes) -> bytes | None:
@@ -192,7 +192,7 @@ def test_tampered_processed_files_are_refused_not_used(
         assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
         assert f"{processed}/" in err, f"the error must name a file under {processed}: {err}"
         if target != data_mod.MANIFEST:
-            assert err.startswith(f"error: {processed / target}"), err
+            assert err.startswith(f"{data_mod.PROG}: error: {processed / target}"), err
         after = {p.name: p.read_bytes() for p in processed.iterdir()}
         assert after == before, "a refused run must leave the directory as it found it"
         splits = data_mod.SPLITS if target == data_mod.MANIFEST else [target.removesuffix(".pt")]

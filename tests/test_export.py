@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from handler.preprocess import PreprocessSpec
+from handler.meta import MODEL_NAME, ModelMeta
 from training import export as export_mod
 from training.data import CLASSES, load_split
 from training.evaluate import (
@@ -19,21 +20,20 @@ from training.evaluate import (
     predict_logits,
     preprocess_images,
 )
-from training.export import META_FIELDS, ExportError, check_parity, export
+from training.export import ExportError, check_parity, export
 
 
-def test_meta_has_every_field(export_dir: Path) -> None:
-    meta = json.loads((export_dir / "model_meta.json").read_text())
-    missing = [f for f in META_FIELDS if f not in meta]
-    assert not missing, f"model_meta.json lacks {missing}"
-    assert meta["classes"] == CLASSES
-    assert meta["preprocess"]["input_shape"] == [1, 28, 28]
-    assert meta["config_hash"].startswith("sha256:") and len(meta["config_hash"]) == 71
-    assert 0.5 < meta["metrics"]["test_accuracy"] <= 1.0, "a trained model beats chance by far"
-    stats = meta["reference_stats"]
+def test_meta_is_a_complete_model_meta(export_dir: Path) -> None:
+    meta = ModelMeta.load(export_dir)
+    written = json.loads((export_dir / "model_meta.json").read_text())
+    assert set(written) == {f.name for f in dataclasses.fields(ModelMeta)}, "every field is written"
+    assert (meta.name, meta.classes) == (MODEL_NAME, CLASSES)
+    assert meta.preprocess.input_shape == [1, 28, 28]
+    assert meta.config_hash.startswith("sha256:") and len(meta.config_hash) == 71
+    assert 0.5 < meta.metrics["test_accuracy"] <= 1.0, "a trained model beats chance by far"
+    stats = meta.reference_stats
     assert np.array(stats["pixel_mean"]).shape == (28, 28) and np.array(stats["pixel_std"]).shape == (28, 28)
     assert sum(stats["brightness_hist"]["counts"]) == stats["num_images"] == 55000
-    assert PreprocessSpec.from_meta(meta) == PreprocessSpec.from_meta(meta["preprocess"])
 
 
 def test_index_to_name_matches_classes(export_dir: Path) -> None:
@@ -52,8 +52,7 @@ def test_exported_file_is_not_frozen_and_loads(export_dir: Path) -> None:
 def test_served_path_matches_export_accuracy(export_dir: Path, real_data_root: Path, tmp_path: Path) -> None:
     """evaluate() goes through the serving preprocess: same accuracy as export's tensor path."""
     report = evaluate(export_dir, real_data_root, tmp_path, progress=False)
-    meta = json.loads((export_dir / "model_meta.json").read_text())
-    assert report["accuracy"] == pytest.approx(meta["metrics"]["test_accuracy"], abs=1e-9)
+    assert report["accuracy"] == pytest.approx(ModelMeta.load(export_dir).metrics["test_accuracy"], abs=1e-9)
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert set(saved["per_class"]) == set(CLASSES) and saved["num_examples"] == 10_000
@@ -61,7 +60,7 @@ def test_served_path_matches_export_accuracy(export_dir: Path, real_data_root: P
 
 def test_parity_check_fails_loudly_on_a_mismatch(export_dir: Path, real_data_root: Path) -> None:
     model, meta = load_exported(export_dir)
-    x = preprocess_images(load_split(real_data_root, "test").images[:64], PreprocessSpec.from_meta(meta))
+    x = preprocess_images(load_split(real_data_root, "test").images[:64], meta.preprocess)
 
     class Shifted(torch.nn.Module):
         def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -73,7 +72,7 @@ def test_parity_check_fails_loudly_on_a_mismatch(export_dir: Path, real_data_roo
 
 def test_class_mismatch_is_caught_even_when_close(export_dir: Path, real_data_root: Path) -> None:
     model, meta = load_exported(export_dir)
-    x = preprocess_images(load_split(real_data_root, "test").images[:300], PreprocessSpec.from_meta(meta))
+    x = preprocess_images(load_split(real_data_root, "test").images[:300], meta.preprocess)
 
     class FlipsOne(torch.nn.Module):  # identical on the first batch, different later
         def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +95,7 @@ def test_export_cli_failure_keeps_previous_export(tmp_path: Path, export_dir: Pa
     out.mkdir()
     (out / "model.pt").write_bytes(b"previous")
     assert export_mod.main(["--run", str(tmp_path / "nope"), "--out", str(out)]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"{export_mod.PROG}: error: {tmp_path / 'nope'}")
     assert (out / "model.pt").read_bytes() == b"previous"
 
 
@@ -122,3 +121,8 @@ def test_evaluate_cli_without_export_is_a_clear_error(tmp_path: Path, capsys) ->
 
     assert evaluate_mod.main(["--model-dir", str(tmp_path / "none")]) == 2
     assert "python -m training.export" in capsys.readouterr().err
+
+
+def test_export_refuses_a_version_unsafe_in_urls_before_any_work(tmp_path: Path, capsys) -> None:
+    assert export_mod.main(["--run", str(tmp_path / "nope"), "--version", "1.0/../x"]) == 2
+    assert "--version '1.0/../x' must match" in capsys.readouterr().err

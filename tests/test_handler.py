@@ -27,6 +27,7 @@ from ts.service import Service
 
 from archive.selfcheck import Answer, WorkerRequest, metrics_cache, predict
 from handler.fashion_handler import THREADS_ENV, FashionMNISTHandler, configure_threads
+from handler.meta import MetaError
 from handler.postprocess import class_names
 from handler.preprocess import PreprocessSpec, preprocess
 from tests.conftest import make_random_export
@@ -394,12 +395,12 @@ def _index_naming_other_classes(directory: Path) -> None:
     ("make_export", "message"),
     [
         (_model_with_seven_outputs, "does not match 10 classes"),
-        (_index_naming_other_classes, "different classes"),
+        (_index_naming_other_classes, "both must come from the same export"),
     ],
 )
 def test_initialize_refuses_a_model_that_disagrees_with_its_metadata(tmp_path, make_export, message):
     make_export(tmp_path)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises((RuntimeError, MetaError), match=message):
         load_handler(tmp_path)
 
 

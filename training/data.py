@@ -1,6 +1,6 @@
 """Fashion-MNIST: find the raw IDX files, verify them, split, and write tensors under data/.
 
-    python -m training.data                         # Debian package, else torchvision download
+    python -m training.data                         # Debian package, else torchvision download -> data/
     python -m training.data --source-dir ~/fmnist   # your own copy (flat or torchvision layout)
     python -m training.data --out data --val-size 5000 --seed 0
     python -m training.data --samples data/samples --count 10   # PNGs of real test images to query
@@ -33,6 +33,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from training.cli import DATA_DIR, EXIT_USAGE, StageError, run_stage
+
 CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -62,6 +64,7 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 REFETCH = f"delete it and fetch it again (apt-get install --reinstall {DEBIAN_PACKAGE}, or re-download)"
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+PROG = "python -m training.data"
 IMAGE_SHAPE = (28, 28)
 # What each file must hold once parsed: images are (N, 28, 28), labels (N,) class indices.
 IDX_NDIM = {name: 3 if "-images-" in name else 1 for name in MD5}
@@ -70,11 +73,14 @@ IDX_NDIM = {name: 3 if "-images-" in name else 1 for name in MD5}
 GZIP_ERRORS = (OSError, EOFError, zlib.error)
 
 
-class DataError(RuntimeError):
+class DataError(StageError):
     """The data could not be found or failed verification. The message says how to fix it.
 
-    Every error about one file starts with that file's path and fits on one line.
+    Every error about one file starts with that file's path and fits on one line. Exit code 2: the
+    input is what needs fixing.
     """
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,7 @@ def locate(
     source_dir: Path | None,
     debian_dir: Path | None = None,
     allow_download: bool = True,
-    download_root: Path = Path("data/raw"),
+    download_root: Path = DATA_DIR / "raw",
 ) -> tuple[Path, str]:
     """Return (raw_dir, source_name) from the first source that has all four files."""
     tried: list[str] = []
@@ -257,7 +263,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def prepare(
-    out_dir: Path = Path("data"),
+    out_dir: Path = DATA_DIR,
     source_dir: Path | None = None,
     val_size: int = 5000,
     seed: int = 0,
@@ -386,10 +392,10 @@ def write_samples(out_dir: Path, dest: Path, count: int) -> list[tuple[Path, str
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source-dir", type=Path, help="directory holding the four *-ubyte.gz files")
-    parser.add_argument("--out", type=Path, default=Path("data"), help="output root (default: data)")
+    parser.add_argument("--out", type=Path, default=DATA_DIR, help="output root (default: <repo>/data)")
     parser.add_argument(
         "--val-size", type=int, default=5000, help="validation images held out (default 5000)"
     )
@@ -400,7 +406,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=10, help="how many --samples (default 10)")
     args = parser.parse_args(None if argv is None else list(argv))
     t0 = time.perf_counter()
-    try:
+
+    def run() -> None:
         manifest = prepare(
             args.out,
             args.source_dir,
@@ -409,18 +416,16 @@ def main(argv: Iterable[str] | None = None) -> int:
             allow_download=not args.no_download,
             force=args.force,
         )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    counts = ", ".join(f"{k}={v}" for k, v in manifest["counts"].items())
-    print(
-        f"Fashion-MNIST from {manifest['source']}: {counts} -> {args.out / 'processed'} "
-        f"({time.perf_counter() - t0:.1f}s)"
-    )
-    if args.samples:
-        written = write_samples(args.out, args.samples, args.count)
-        print(f"{len(written)} test images as PNG -> {args.samples}")
-    return 0
+        counts = ", ".join(f"{k}={v}" for k, v in manifest["counts"].items())
+        print(
+            f"Fashion-MNIST from {manifest['source']}: {counts} -> {args.out / 'processed'} "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
+        if args.samples:
+            written = write_samples(args.out, args.samples, args.count)
+            print(f"{len(written)} test images as PNG -> {args.samples}")
+
+    return run_stage(PROG, run)
 
 
 if __name__ == "__main__":

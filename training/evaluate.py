@@ -1,6 +1,6 @@
 """Evaluate an exported model on the official test set, the way the server will see it.
 
-    python -m training.evaluate                                  # artifacts/model -> reports/
+    python -m training.evaluate                                  # <repo>/artifacts/model -> <repo>/reports/
     python -m training.evaluate --model-dir artifacts/model --out reports --split val
 
 Every image goes through handler.preprocess.preprocess (the function the TorchServe
@@ -22,21 +22,30 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from handler.meta import MetaError, ModelMeta
 from handler.preprocess import PreprocessSpec, preprocess
-from training.data import DataError, load_split
+from training.cli import DATA_DIR, EXIT_USAGE, EXPORT_DIR, REPORTS_DIR, StageError, run_stage
+from training.data import load_split
+
+PROG = "python -m training.evaluate"
 
 
-def load_exported(model_dir: Path) -> tuple[torch.jit.ScriptModule, dict]:
+def load_exported(model_dir: Path) -> tuple[torch.jit.ScriptModule, ModelMeta]:
     """Load model.pt + model_meta.json and optimise it exactly as the TorchServe handler does.
 
     The file is unfrozen (portable across torch versions); freezing and conv-BN folding
     happen here, after loading, so offline numbers are the numbers the server produces.
+    Raises StageError (exit 2) naming the file and the command that writes it.
     """
-    model_path, meta_path = model_dir / "model.pt", model_dir / "model_meta.json"
-    for path in (model_path, meta_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; run `python -m training.export --out {model_dir}`")
-    meta = json.loads(meta_path.read_text())
+    model_path = model_dir / "model.pt"
+    if not model_path.is_file():
+        raise StageError(
+            f"{model_path} not found; run `python -m training.export --out {model_dir}`", exit_code=EXIT_USAGE
+        )
+    try:
+        meta = ModelMeta.load(model_dir)
+    except MetaError as exc:
+        raise StageError(str(exc), exit_code=EXIT_USAGE) from exc
     model = torch.jit.optimize_for_inference(
         torch.jit.freeze(torch.jit.load(str(model_path), map_location="cpu").eval())
     )
@@ -117,18 +126,17 @@ def evaluate(
 ) -> dict:
     """Evaluate the exported model on one split; write the JSON report and the plot."""
     model, meta = load_exported(model_dir)
-    spec = PreprocessSpec.from_meta(meta)
     data = load_split(data_root, split)
-    inputs = preprocess_images(data.images, spec, progress)
+    inputs = preprocess_images(data.images, meta.preprocess, progress)
     preds = predict_logits(model, inputs, progress=progress).argmax(1).numpy()
-    report = classification_report(preds, data.labels.numpy(), meta["classes"])
-    report.update({"split": split, "model": meta["name"], "version": meta["version"]})
+    report = classification_report(preds, data.labels.numpy(), meta.classes)
+    report.update({"split": split, "model": meta.name, "version": meta.version})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_confusion(
         np.array(report["confusion_matrix"]),
-        meta["classes"],
-        f"{meta['name']} v{meta['version']} on {split}: accuracy {report['accuracy']:.4f}",
+        meta.classes,
+        f"{meta.name} v{meta.version} on {split}: accuracy {report['accuracy']:.4f}",
         out_dir / "confusion_matrix.png",
     )
     return report
@@ -136,25 +144,24 @@ def evaluate(
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-dir", type=Path, default=Path("artifacts/model"))
-    parser.add_argument("--data", type=Path, default=Path("data"), help="root given to training.data")
-    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--model-dir", type=Path, default=EXPORT_DIR, help="output of training.export")
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help="root given to training.data")
+    parser.add_argument("--out", type=Path, default=REPORTS_DIR, help="report directory")
     parser.add_argument("--split", choices=("test", "val"), default="test")
     args = parser.parse_args(None if argv is None else list(argv))
-    try:
+
+    def run() -> None:
         report = evaluate(args.model_dir, args.data, args.out, args.split)
-    except (FileNotFoundError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    width = max(len(c) for c in report["per_class"])
-    print(f"\n{'class':<{width}}  precision  recall")
-    for name, row in report["per_class"].items():
-        print(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}")
-    print(f"\n{args.split} accuracy {report['accuracy']:.4f} on {report['num_examples']} images")
-    print(f"report: {args.out / 'metrics.json'}\nplot:   {args.out / 'confusion_matrix.png'}")
-    return 0
+        width = max(len(c) for c in report["per_class"])
+        print(f"\n{'class':<{width}}  precision  recall")
+        for name, row in report["per_class"].items():
+            print(f"{name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}")
+        print(f"\n{args.split} accuracy {report['accuracy']:.4f} on {report['num_examples']} images")
+        print(f"report: {args.out / 'metrics.json'}\nplot:   {args.out / 'confusion_matrix.png'}")
+
+    return run_stage(PROG, run)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """Export the best checkpoint of a training run as TorchScript plus serving metadata.
 
-    python -m training.export                                   # outputs/train/latest -> artifacts/model
+    python -m training.export              # <repo>/outputs/train/latest -> <repo>/artifacts/model
     python -m training.export --run outputs/train/2026-11-26_10-00-00 --out artifacts/model --version 1.1
 
 Writes, atomically (a failed export leaves the previous one in place):
   model.pt             torch.jit.script, NOT frozen, so other torch versions load it
                        (serving and evaluation freeze after loading)
-  model_meta.json      preprocessing, classes, version, git commit, config hash,
-                       test/val accuracy, reference input statistics for drift checks
-  index_to_name.json   class index -> label
+  model_meta.json      handler.meta.ModelMeta: preprocessing, classes, version, git commit,
+                       config hash, test/val accuracy, reference input statistics for drift checks
+  index_to_name.json   class index -> label, from the same ModelMeta
   train_config.yaml    the run's resolved Hydra config
 
 Before writing, the export checks itself: the reloaded TorchScript must match the
 eager model (allclose) on a real test batch and predict identical classes on the
-whole test set. If either check fails, export exits non-zero and writes nothing.
+whole test set. If either check fails, export exits 1 and writes nothing; a missing run or data
+exits 2.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,26 +33,24 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from handler.meta import NAME_PATTERN, ModelMeta
 from handler.preprocess import PreprocessSpec, normalize
 from model import count_parameters
-from training.data import CLASSES, DataError, load_split
+from training.cli import EXIT_USAGE, EXPORT_DIR, REPO_ROOT, RUN_ROOT, StageError, repo_path, run_stage
+from training.data import CLASSES, load_split
 from training.evaluate import predict_logits
 from training.train import FashionClassifier
 
-MODEL_NAME = "fashion_mnist"
-META_FIELDS = (
-    "name", "version", "created_at", "git_commit", "config_hash", "torch_version", "architecture",
-    "preprocess", "classes", "metrics", "reference_stats",
-)  # fmt: skip
+PROG = "python -m training.export"
 
 
-class ExportError(RuntimeError):
-    """The export failed a check or lacks an input; the message says what to do."""
+class ExportError(StageError):
+    """The export failed a check (exit 1) or lacks an input (exit 2); the message says what to do."""
 
 
 def git_commit() -> str:
     """HEAD's commit, with '-dirty' if the tree has changes; 'unknown' outside git."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO_ROOT
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
@@ -116,7 +114,8 @@ def resolve_run(run: Path) -> tuple[Path, Path]:
     for path in (ckpt, cfg):
         if not path.is_file():
             raise ExportError(
-                f"{path} not found; train first with `python -m training.train` (or pass --run)"
+                f"{path} not found; train first with `python -m training.train` (or pass --run)",
+                exit_code=EXIT_USAGE,
             )
     return ckpt, cfg
 
@@ -131,11 +130,13 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = None) -> dict:
+def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = None) -> ModelMeta:
     """Export run's best checkpoint into `out`; return the metadata written."""
+    if not NAME_PATTERN.match(version):
+        raise ExportError(f"--version {version!r} must match {NAME_PATTERN.pattern}", exit_code=EXIT_USAGE)
     ckpt, cfg_path = resolve_run(run)
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
-    data_root = data_root or Path(cfg["data"]["root"])
+    data_root = data_root or repo_path(cfg["data"]["root"])
     module = FashionClassifier.load_from_checkpoint(str(ckpt), map_location="cpu")
     # Plain NCHW weights: the layout every loader and torch version expects.
     eager = module.net.to(memory_format=torch.contiguous_format).eval()
@@ -153,27 +154,24 @@ def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = 
             "test_accuracy": int((test_logits.argmax(1) == test.labels).sum()) / len(test),
             "val_accuracy": int((val_logits.argmax(1) == val.labels).sum()) / len(val),
         }
-        meta = {
-            "name": MODEL_NAME,
-            "version": version,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "git_commit": git_commit(),
-            "config_hash": config_hash(cfg),
-            "torch_version": torch.__version__.split("+")[0],
-            "architecture": {
+        meta = ModelMeta(
+            version=version,
+            classes=CLASSES,
+            preprocess=spec,
+            architecture={
                 "class": type(eager).__name__,
                 **{k: cfg["model"][k] for k in ("width", "depth", "dropout", "hidden")},
                 "num_params": count_parameters(eager),
             },
-            "preprocess": spec.to_meta(),
-            "classes": CLASSES,
-            "metrics": accuracy,
-            "reference_stats": reference_stats(load_split(data_root, "train").images),
-            "source": {"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve())},
-        }
-        (staging / "model_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        index_to_name = {str(i): name for i, name in enumerate(CLASSES)}
-        (staging / "index_to_name.json").write_text(json.dumps(index_to_name, indent=2) + "\n")
+            metrics=accuracy,
+            reference_stats=reference_stats(load_split(data_root, "train").images),
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            git_commit=git_commit(),
+            config_hash=config_hash(cfg),
+            torch_version=torch.__version__.split("+")[0],
+            source={"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve())},
+        )
+        meta.save(staging)
         shutil.copy2(cfg_path, staging / "train_config.yaml")
         _replace_dir(staging, out)
     finally:
@@ -183,27 +181,26 @@ def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = 
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", type=Path, default=Path("outputs/train/latest"), help="training run dir")
-    parser.add_argument("--out", type=Path, default=Path("artifacts/model"))
+    parser.add_argument("--run", type=Path, default=RUN_ROOT / "latest", help="training run dir")
+    parser.add_argument("--out", type=Path, default=EXPORT_DIR, help="export dir")
     parser.add_argument("--version", default="1.0", help="model version served by TorchServe")
     parser.add_argument("--data", type=Path, help="processed data root (default: the run's data.root)")
     args = parser.parse_args(None if argv is None else list(argv))
-    try:
+
+    def run() -> None:
         meta = export(args.run, args.out, args.version, args.data)
-    except (ExportError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    m = meta["metrics"]
-    print(
-        f"exported {meta['name']} v{meta['version']} "
-        f"({meta['architecture']['num_params']:,} params) -> {args.out}\n"
-        f"parity: TorchScript == eager on the test set; test accuracy {m['test_accuracy']:.4f}, "
-        f"val accuracy {m['val_accuracy']:.4f}"
-    )
-    return 0
+        m = meta.metrics
+        print(
+            f"exported {meta.name} v{meta.version} "
+            f"({meta.architecture['num_params']:,} params) -> {args.out}\n"
+            f"parity: TorchScript == eager on the test set; test accuracy {m['test_accuracy']:.4f}, "
+            f"val accuracy {m['val_accuracy']:.4f}"
+        )
+
+    return run_stage(PROG, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
