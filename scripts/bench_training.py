@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -132,6 +133,10 @@ def write_doc(results: list[dict], prep_seconds: float, argv: list[str], doc: Pa
         for r in results
     )
     cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"
+    # Other benchmarks write marked blocks into this doc (scripts/bench_loading.py): keep them.
+    old = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    blocks = re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", old, re.S)
+    kept = "".join(f"\n{block.group(0)}\n" for block in blocks)
     doc.write_text(
         f"""# Training figures
 
@@ -161,7 +166,7 @@ label smoothing (0.1), so its curve sits higher than the default's.
   linear cost in time.
 - `experiment=accurate` adds a third stage, width 48, flip+shift augmentation and label smoothing, and
   trains longer to pass 0.94.
-"""
+{kept}"""
     )
 
 

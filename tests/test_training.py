@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from training.train import CONFIG_DIR, augment, train
+from training.loading import augment
+from training.train import CONFIG_DIR, train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 SMOKE = ("experiment=smoke", "trainer.progress_bar=false")

@@ -1,7 +1,9 @@
-"""Typed schema for the Hydra training config (configs/train.yaml composes onto it).
+"""Typed schema and defaults for the Hydra training config (configs/train.yaml composes onto it).
 
-Hydra validates every value against these dataclasses, so a typo such as
-`trainer.max_epoch=3` or `model.width=wide` fails at start-up, not mid-run.
+Every default lives here; the YAML groups in configs/ carry only values that differ from it. Hydra
+validates every value against these dataclasses, so a typo such as `trainer.max_epoch=3` or
+`model.width=wide` fails at start-up, not mid-run. Relative paths (`data.root`, `data.source_dir`,
+`run_root`) are taken from the repository root (training.cli.repo_path).
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from training.cli import repo_path
 
 
 @dataclass
@@ -19,14 +24,19 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 256
     eval_batch_size: int = 1024
-    num_workers: int = 0  # data is in memory; worker processes only add start-up cost
+    # DataLoader worker processes; 0 = batches are gathered and augmented in the training process.
+    # scripts/bench_loading.py (docs/training.md, "Data loading"): 0 workers is the slowest by far, as the
+    # training process's multi-threaded ops fight over the cores; one worker already delivers ~10x the
+    # images/s the model consumes on 2 cores, and a second only adds a process competing for them.
+    num_workers: int = 1
+    persistent_workers: bool = True  # keep workers between epochs (only with num_workers > 0)
+    prefetch_factor: int = 2  # batches each worker prepares ahead (only with num_workers > 0)
     augment: bool = False  # train-only: random horizontal flip + random shift
     max_shift: int = 2  # pixels, for augment
 
 
 @dataclass
 class ModelConfig:
-    name: str = "fashion_cnn"
     width: int = 32
     depth: int = 2
     dropout: float = 0.25
@@ -68,3 +78,5 @@ class TrainConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    # ${repo:PATH} in configs/train.yaml: the run directory is found from the repository root too.
+    OmegaConf.register_new_resolver("repo", lambda path: str(repo_path(path)), replace=True)

@@ -25,30 +25,16 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from handler.preprocess import PreprocessSpec, normalize
 from model import FashionCNN
+from training.cli import REPO_ROOT, StageError, repo_path
 from training.config import DataConfig, ModelConfig, TrainerConfig, register_configs
-from training.data import CLASSES, DataError, load_split, prepare
+from training.data import CLASSES, load_split, prepare
+from training.loading import make_loader
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-
-def augment(images: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """Train-only augmentation on a uint8 batch (N, H, W): random h-flip and shift.
-
-    Works on the raw pixels before `normalize`, so the shared preprocessing stays
-    the only place that maps pixels to model input.
-    """
-    n, h, w = images.shape
-    flip = torch.rand(n) < 0.5
-    images = torch.where(flip[:, None, None], images.flip(-1), images)
-    if max_shift <= 0:
-        return images
-    padded = F.pad(images, (max_shift,) * 4)  # zero = background colour
-    dx, dy = torch.randint(0, 2 * max_shift + 1, (2, n)).tolist()
-    return torch.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+CONFIG_DIR = str(REPO_ROOT / "configs")
 
 
 class FashionDataModule(L.LightningDataModule):
@@ -60,28 +46,19 @@ class FashionDataModule(L.LightningDataModule):
         self.seed = seed
 
     def prepare_data(self) -> None:
-        src = Path(self.cfg.source_dir) if self.cfg.source_dir else None
-        prepare(Path(self.cfg.root), src, self.cfg.val_size, self.cfg.split_seed)
+        src = repo_path(self.cfg.source_dir) if self.cfg.source_dir else None
+        prepare(repo_path(self.cfg.root), src, self.cfg.val_size, self.cfg.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
-        root = Path(self.cfg.root)
+        root = repo_path(self.cfg.root)
         self.train_set = load_split(root, "train")
         self.val_set = load_split(root, "val")
 
-    def _loader(self, images: torch.Tensor, labels: torch.Tensor, train: bool) -> DataLoader:
-        return DataLoader(
-            TensorDataset(images, labels),
-            batch_size=self.cfg.batch_size if train else self.cfg.eval_batch_size,
-            shuffle=train,
-            num_workers=self.cfg.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set.images, self.train_set.labels, train=True)
+        return make_loader(self.train_set.images, self.train_set.labels, self.cfg, self.seed, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set.images, self.val_set.labels, train=False)
+        return make_loader(self.val_set.images, self.val_set.labels, self.cfg, self.seed, train=False)
 
 
 class FashionClassifier(L.LightningModule):
@@ -92,7 +69,6 @@ class FashionClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.model_cfg = ModelConfig(**model)
         self.trainer_cfg = TrainerConfig(**trainer)
-        self.data_cfg = DataConfig(**data)
         self.spec = PreprocessSpec.from_meta(preprocess)
         self.net = FashionCNN(
             num_classes=len(CLASSES),
@@ -113,9 +89,7 @@ class FashionClassifier(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
-        pixels, labels = batch
-        if self.data_cfg.augment:
-            pixels = augment(pixels, self.data_cfg.max_shift)
+        pixels, labels = batch  # augmented by the loader (training.loading) if data.augment
         logits = self(pixels)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.trainer_cfg.label_smoothing)
         acc = (logits.argmax(1) == labels).float().mean()
@@ -227,9 +201,9 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(cfg, run_dir)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except StageError as exc:  # missing or damaged data: exit 2, with the fix
+        print(f"python -m training.train: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     print(
         f"\nbest val acc {summary['best_val_acc']:.4f} after {summary['train_seconds']:.0f}s\n"
         f"run dir:    {run_dir}\ncheckpoint: {summary['checkpoint']}\n"

@@ -1,0 +1,61 @@
+"""The training config has one source of defaults, and every stage finds its paths the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from training.cli import REPO_ROOT, repo_path
+from training.config import TrainConfig
+from training.train import CONFIG_DIR
+
+DEFAULTS = dataclasses.asdict(TrainConfig())
+GROUP_FILES = sorted(p for p in Path(CONFIG_DIR).glob("*/*.yaml"))
+
+
+def _restated(values: dict, defaults: dict, where: str) -> list[str]:
+    found = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            found += _restated(value, defaults[key], f"{where}{key}.")
+        elif key in defaults and defaults[key] == value:
+            found.append(f"{where}{key}={value!r}")
+    return found
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_yaml_groups_hold_only_values_that_differ_from_the_dataclasses(path: Path) -> None:
+    values = yaml.safe_load(path.read_text()) or {}
+    group = path.parent.name
+    if "@package _global_" in path.read_text():  # experiments nest their values under section names
+        restated = _restated(values, DEFAULTS, "")
+    else:
+        restated = _restated(values, DEFAULTS[group], f"{group}.")
+    assert not restated, f"{path} restates defaults from training/config.py: {restated}; delete them"
+
+
+def test_train_yaml_holds_no_defaults_of_its_own() -> None:
+    values = yaml.safe_load((Path(CONFIG_DIR) / "train.yaml").read_text())
+    extra = set(values) - {"defaults", "hydra"}
+    assert not extra, f"configs/train.yaml sets {extra}: defaults belong in training/config.py:TrainConfig"
+
+
+def test_composed_defaults_are_the_dataclass_defaults() -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train")
+    assert OmegaConf.to_container(cfg) == DEFAULTS
+
+
+def test_relative_config_paths_are_taken_from_the_repository_root(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert repo_path("data") == REPO_ROOT / "data"
+    assert repo_path(tmp_path / "x") == tmp_path / "x"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=["hydra.job.num=0"])
+    run_dir = Path(OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"])
+    assert run_dir.parent == REPO_ROOT / "outputs" / "train", run_dir
