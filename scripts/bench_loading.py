@@ -42,6 +42,10 @@ def render(results: list[dict], argv: list[str], batch_size: int, threads: int) 
         for augment in (False, True)
     }
     load = os.getloadavg()[0]
+
+    def workers(row: dict) -> str:
+        return f"{row['num_workers']} worker" + ("" if row["num_workers"] == 1 else "s")
+
     return f"""{BEGIN}
 ## Data loading
 
@@ -55,12 +59,12 @@ includes starting the workers.
 |---|---|---|---|
 {rows}
 
-Fastest in later epochs: {fastest[False]["num_workers"]} workers without augmentation,
-{fastest[True]["num_workers"]} with it. With 0 workers the batches are gathered and augmented in the
-training process, whose torch ops are multi-threaded: on small tensors the thread hand-offs cost more
-than the work, badly so on a busy machine. A worker runs single-threaded and beside the training
-threads. `data.persistent_workers` and `data.prefetch_factor` apply once `data.num_workers` is above 0;
-training/config.py says which default these figures led to, and why.
+Fastest in later epochs: {workers(fastest[False])} without augmentation, {workers(fastest[True])} with it.
+With 0 workers the batches are gathered and augmented in the training process, whose torch ops are
+multi-threaded: on small tensors the thread hand-offs cost more than the work, badly so on a busy
+machine. A worker runs single-threaded and beside the training threads. `data.persistent_workers` and
+`data.prefetch_factor` apply once `data.num_workers` is above 0; training/config.py says which default
+these figures led to, and why.
 {END}"""
 
 

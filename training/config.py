@@ -26,8 +26,8 @@ class DataConfig:
     eval_batch_size: int = 1024
     # DataLoader worker processes; 0 = batches are gathered and augmented in the training process.
     # scripts/bench_loading.py (docs/training.md, "Data loading"): 0 workers is the slowest by far, as the
-    # training process's multi-threaded ops fight over the cores; one worker already delivers ~10x the
-    # images/s the model consumes on 2 cores, and a second only adds a process competing for them.
+    # training process's multi-threaded ops fight over the cores; one worker already delivers many times
+    # the ~900 images/s the default model consumes on 2 cores, and a second was no faster.
     num_workers: int = 1
     persistent_workers: bool = True  # keep workers between epochs (only with num_workers > 0)
     prefetch_factor: int = 2  # batches each worker prepares ahead (only with num_workers > 0)
