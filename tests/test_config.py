@@ -10,8 +10,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from training.cli import REPO_ROOT, repo_path
+from training.cli import REPO_ROOT, StageError, repo_path, run_stage
 from training.config import TrainConfig
+from training.data import DataError
 from training.train import CONFIG_DIR
 
 DEFAULTS = dataclasses.asdict(TrainConfig())
@@ -59,3 +60,12 @@ def test_relative_config_paths_are_taken_from_the_repository_root(tmp_path: Path
         cfg = compose("train", return_hydra_config=True, overrides=["hydra.job.num=0"])
     run_dir = Path(OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"])
     assert run_dir.parent == REPO_ROOT / "outputs" / "train", run_dir
+
+
+@pytest.mark.parametrize(("error", "code"), [(StageError("parity failed"), 1), (DataError("x.gz: bad"), 2)])
+def test_stage_errors_are_one_line_with_the_conventional_exit_code(error, code, capsys) -> None:
+    def fail() -> None:
+        raise error
+
+    assert run_stage("python -m training.x", fail) == code
+    assert capsys.readouterr().err == f"python -m training.x: error: {error}\n"
