@@ -164,8 +164,8 @@ label smoothing (0.1), so its curve sits higher than the default's.
 - Accuracy per CPU-minute: the default (2 conv stages, width 32, 128-unit head, one-cycle AdamW, no
   augmentation) passes 0.92 within a few epochs; more epochs or width buy tenths of a percent at a
   linear cost in time.
-- `experiment=accurate` adds a third stage, width 48, flip+shift augmentation and label smoothing, and
-  trains longer to pass 0.94.
+- `experiment=accurate` adds a third stage (same width 32), flip+shift augmentation and label
+  smoothing, and trains longer to pass 0.94.
 {kept}"""
     )
 
