@@ -20,6 +20,9 @@ ts/service.py, checked against a real server):
   are split into form fields by the frontend, which destroys a binary image, so they are refused.
 * Query-string parameters are dropped on /predictions/{model}; on /invocations?model_name= and
   /{model}/predict they arrive as bytes parameters, indistinguishable from form text fields.
+* gRPC (`InferenceAPIsService.Predictions`): each entry of the request's `input` map is a
+  parameter of that name with no content type, and there are no HTTP headers; so the image is the
+  parameter "data" (or "file"/"image"), and k the parameter "topk"/"k".
 * `context.get_all_request_header(idx)` mixes those per-parameter dicts with the HTTP headers, and
   the HTTP header names keep the client's spelling (`X-Top-K` or `x-top-k`), so lookups here are
   case-insensitive.
@@ -32,6 +35,7 @@ import binascii
 import contextlib
 import json
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,10 +49,22 @@ TOP_K_PARAMS = ("topk", "k")
 # When a multipart request carries several files, the image is the field with the first of these names.
 IMAGE_FIELDS = ("data", "file", "image")
 
+# The request JSON is one flat object, {"data": "<base64>", "topk": 3}: anything nested deeper, or
+# with more than this much outside its strings, is refused before it is parsed, so no JSON costs
+# more than a scan of its bytes (deep nesting would overflow the parser's stack; millions of tiny
+# arrays would take hundreds of MB).
+MAX_JSON_DEPTH = 8
+MAX_JSON_SKELETON = 4096  # bytes of a JSON text outside its strings
+MAX_JSON_NODES = 256  # values in a JSON document that the worker already parsed
+
 _SEND_HINT = (
     "send the image bytes as the body (Content-Type: application/octet-stream or image/*), "
-    'as a multipart file field (curl -F "data=@shirt.png"), or as JSON {"data": "<base64>"}'
+    'as a multipart file field (curl -F "data=@shirt.png"), as JSON {"data": "<base64>"}, '
+    'or over gRPC as input["data"]'
 )
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SHOW = reprlib.Repr()  # bounded in depth and length, whatever a client nests or sends
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 2, 30, 30, 30
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
@@ -123,8 +139,10 @@ def parse_request(
     if content_type.startswith("multipart/"):
         image, params = _from_form(row, headers), row
     else:
-        sent_as_json = _field_content_type(headers, "body") == "application/json"
-        image, json_params = _from_body(row.get("body"), sent_as_json)
+        # A plain HTTP body is the parameter "body"; a gRPC request names its image in the input map.
+        field = next((name for name in ("body", *IMAGE_FIELDS) if name in row), "body")
+        sent_as_json = _field_content_type(headers, field) == "application/json"
+        image, json_params = _from_body(row.get(field), sent_as_json)
         params = {**row, **json_params}
     k_value = next((params[name] for name in TOP_K_PARAMS if name in params), None)
     if k_value is None:
@@ -148,10 +166,9 @@ def _from_body(body: Any, sent_as_json: bool) -> tuple[bytes, dict[str, Any]]:
         # No image format starts with "{", so a JSON object is recognised whatever its content type.
         if not (sent_as_json or bytes(body[:64]).lstrip().startswith(b"{")):
             return bytes(body), {}
-        try:
-            body = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError("invalid_json", f"the body is not valid JSON: {exc}") from exc
+        body = parse_json(bytes(body))
+    else:
+        check_json_shape(body)
     if not isinstance(body, dict) or "data" not in body:
         got = f"keys {_show(sorted(body))}" if isinstance(body, dict) else f"a JSON {_json_type(body)}"
         raise InputError(
@@ -161,6 +178,48 @@ def _from_body(body: Any, sent_as_json: bool) -> tuple[bytes, dict[str, Any]]:
     if not isinstance(data, str):
         raise InputError("invalid_data", f'"data" must be a base64 string, got a JSON {_json_type(data)}')
     return decode_base64(data), {name: body[name] for name in TOP_K_PARAMS if name in body}
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON request body -> its value; InputError (400) if it is not JSON or not shaped like one.
+
+    The shape is checked on the text first (`MAX_JSON_DEPTH`, `MAX_JSON_SKELETON`), so parsing
+    costs no more than the body's size.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError("invalid_json", f"the body is not valid JSON: it is not UTF-8 text ({exc})") from exc
+    skeleton = _JSON_STRING.sub(b'""', raw)
+    depth = deepest = 0
+    for byte in skeleton[: MAX_JSON_SKELETON + 1]:
+        depth += (byte in b"[{") - (byte in b"]}")
+        deepest = max(deepest, depth)
+    if len(skeleton) > MAX_JSON_SKELETON or deepest > MAX_JSON_DEPTH:
+        raise InputError("json_too_complex", _too_complex())
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError also covers numbers over 4300 digits
+        raise InputError("invalid_json", f"the body is not valid JSON: {exc}") from exc
+
+
+def check_json_shape(value: Any) -> None:
+    """The same bounds for JSON that TorchServe's worker parsed already (decode_input_request=true)."""
+    pending, seen = [(value, 1)], 0
+    while pending:
+        item, depth = pending.pop()
+        seen += 1
+        if depth > MAX_JSON_DEPTH or seen > MAX_JSON_NODES:
+            raise InputError("json_too_complex", _too_complex())
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+
+
+def _too_complex() -> str:
+    return (
+        f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels or has too many values; "
+        'send one object, {"data": "<base64 image>", "topk": 3}'
+    )
 
 
 def _from_form(row: Mapping[str, Any], headers: Mapping[str, Any]) -> bytes:
@@ -181,7 +240,24 @@ def _from_form(row: Mapping[str, Any], headers: Mapping[str, Any]) -> bytes:
                 f"request, or name its field one of {list(IMAGE_FIELDS)}",
             )
         files = named
-    return bytes(row[files[0]])
+    return _file_bytes(files[0], row[files[0]], _field_content_type(headers, files[0]))
+
+
+def _file_bytes(name: str, value: Any, content_type: str) -> bytes:
+    """A file field's content as bytes, whatever TorchServe's worker made of it.
+
+    With decode_input_request=true the worker decodes text/* parts to str (encoding it again gives
+    back the exact bytes) and parses application/json parts, which leaves no image bytes.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise InputError(
+        "unsupported_image",
+        f"the file field {_show(name)} was sent as {content_type or 'JSON'} and holds a JSON "
+        f'{_json_type(value)}, not an image; attach the image file itself, e.g. curl -F "data=@shirt.png"',
+    )
 
 
 def _field_content_type(headers: Mapping[str, Any], field: str) -> str:
@@ -194,5 +270,6 @@ def _json_type(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    """A short repr of a client's value for an error message, bounded in size and depth."""
+    text = _SHOW.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

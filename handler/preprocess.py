@@ -89,19 +89,48 @@ class PreprocessSpec:
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
 
+# Peak memory one image may take while it is decoded and turned into grayscale. The pod gives the
+# serving container 1 GiB (deploy/base/deployment.yaml) for the JVM (384 MiB heap plus its own
+# overhead) and one Python worker (torch and the model, about 300 MiB); what is left holds one image
+# in flight per worker with room to spare. The pixel limit alone allows ~1 GB for a 40 M pixel image.
+DECODE_BUDGET_BYTES = 192 * 1024 * 1024
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa", "P")
+
+
+def decode_cost(mode: str, pixels: int) -> int:
+    """Bytes the decode -> grayscale path holds at its peak for one image of `mode` and `pixels`.
+
+    Pillow stores 1 byte per pixel for 1/L/P, 2 for 16-bit modes and 4 for everything else (RGB is
+    padded to 4). The decoded image and an EXIF-rotated copy exist at once; then the conversion adds
+    its own buffers: numpy copies for high bit depths (the raw buffer, a 4-byte working array and the
+    8-bit result), or an RGBA copy, a background and the composite for transparent images.
+    """
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    if mode.startswith("I;16"):
+        convert = stored + 4 + 1
+    elif mode in HIGH_DEPTH_MODES:
+        convert = stored + 4 + 4 + 1
+    elif mode in ALPHA_MODES:
+        convert = 4 + 4 + 4 + 1
+    else:
+        convert = 1
+    return pixels * (2 * stored + convert)
+
 
 def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
     """Decode bytes into a loaded PIL image, refusing bombs before decoding pixels.
 
-    Raises InputError (400) for anything that is not a readable image and
-    ImageTooLarge (413) when the header declares more than `spec.max_pixels`.
+    Raises InputError (400) for anything that is not a readable image and ImageTooLarge (413) when
+    the header declares more than `spec.max_pixels`, or an image whose decoding would need more than
+    DECODE_BUDGET_BYTES of memory (`decode_cost`).
     """
     if not data:
         raise InputError("empty_body", "the request carried no image bytes")
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb warning fires at a lower limit than ours; the
-            # explicit check below is the one that decides.
+            # explicit checks below are the ones that decide.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
@@ -113,6 +142,14 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
                 )
             if width == 0 or height == 0:
                 raise InputError("empty_image", f"the image has zero area ({width}x{height})")
+            cost = decode_cost(img.mode, width * height)
+            if cost > DECODE_BUDGET_BYTES:
+                raise ImageTooLarge(
+                    "image_too_large",
+                    f"decoding this {width}x{height} {img.mode} image needs about {cost >> 20} MiB, over "
+                    f"the {DECODE_BUDGET_BYTES >> 20} MiB per-image budget; downscale it or send it as "
+                    "8-bit grayscale",
+                )
             img.seek(0)  # animated formats: classify the first frame
             img.load()
     except InputError:
@@ -125,29 +162,58 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
             "the body is not an image in a format Pillow can read "
             "(PNG, JPEG, BMP, GIF, WebP and TIFF are supported)",
         ) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        # Pillow reports truncated or corrupt files through these.
+    except Exception as exc:
+        # Pillow's plugins report truncated or corrupt files through many exception types
+        # (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, ...).
         raise InputError("corrupt_image", f"the image could not be decoded: {exc}") from exc
     return img
 
 
 def to_grayscale(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """Convert any mode (16-bit, palette, RGBA, CMYK, ...) to 8-bit L, EXIF-upright."""
+    """Convert any mode (16-bit, float, palette, alpha, CMYK, LAB, ...) to 8-bit L, EXIF-upright.
+
+    Raises InputError for a mode Pillow cannot turn into grayscale.
+    """
     # A malformed EXIF block must not cost the prediction: keep the stored orientation.
-    with contextlib.suppress(OSError, ValueError, SyntaxError, TypeError, KeyError):
+    with contextlib.suppress(Exception):
         img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if img.mode in HIGH_DEPTH_MODES:
+        return Image.fromarray(_high_depth_to_uint8(img), mode="L")
+    if img.mode == "LAB":
+        return img.getchannel("L")  # CIE lightness is the grayscale of the image
+    if img.mode == "La":
+        img = img.convert("LA")  # premultiplied alpha converts only to LA
+    if img.mode in ALPHA_MODES:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (spec.background,) * 3 + (255,))
         img = Image.alpha_composite(bg, rgba)
-    return img.convert("L")
+    try:
+        return img.convert("L")
+    except ValueError as exc:
+        raise InputError(
+            "unsupported_color_mode",
+            f"images in Pillow mode {img.mode} cannot be converted to grayscale; save it as RGB or grayscale",
+        ) from exc
+
+
+def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    """16-bit, 32-bit integer or float pixels -> uint8, scaled from the mode's range (or 0..255).
+
+    Works in 4-byte arrays, in place: a float64 copy of a 40 M pixel image alone is 320 MB.
+    """
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img).astype(np.uint32)  # (v * 255 + 32767) // 65535 rounds 0..65535 to 0..255
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+        return wide.astype(np.uint8)
+    pixels = np.asarray(img).astype(np.float32)
+    np.nan_to_num(pixels, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    if pixels.max(initial=0) > 255:
+        pixels *= 255.0 / 65535.0
+    pixels += 0.5
+    np.clip(pixels, 0, 255, out=pixels)
+    return pixels.astype(np.uint8)
 
 
 def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
