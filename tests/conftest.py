@@ -19,7 +19,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from ts.service import Service
 
+from archive.selfcheck import metrics_cache
+from handler.fashion_handler import FashionMNISTHandler
 from handler.meta import ModelMeta
 from model import FashionCNN
 from training import data as data_mod
@@ -46,6 +49,23 @@ def make_random_export(
     architecture = {"class": "FashionCNN", "width": 8, "depth": 1, "dropout": 0.25}
     ModelMeta(version=version, classes=list(classes), architecture=architecture).save(directory)
     return directory
+
+
+def load_handler(model_dir: Path) -> Service:
+    """The repository's handler behind TorchServe's own Service, initialised like a worker does it.
+
+    Batches go through it with archive.selfcheck.predict: TorchServe's frame decoding, the handler,
+    and TorchServe's per-request status encoding, with no JVM.
+    """
+    handler = FashionMNISTHandler()
+    manifest = {
+        "model": {"modelName": "fashion_mnist", "serializedFile": "model.pt", "handler": "fashion_handler.py"}
+    }
+    service = Service(
+        "fashion_mnist", str(model_dir), manifest, handler.handle, None, 8, True, metrics_cache("x")
+    )
+    handler.initialize(service.context)
+    return service
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

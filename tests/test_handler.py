@@ -25,26 +25,13 @@ import torch
 from PIL import Image
 from ts.service import Service
 
-from archive.selfcheck import Answer, WorkerRequest, metrics_cache, predict
-from handler.fashion_handler import THREADS_ENV, FashionMNISTHandler, configure_threads
+from archive.selfcheck import Answer, WorkerRequest, predict
+from handler.fashion_handler import THREADS_ENV, configure_threads
 from handler.meta import MetaError
 from handler.postprocess import class_names
 from handler.preprocess import PreprocessSpec, preprocess
-from tests.conftest import make_random_export
+from tests.conftest import load_handler, make_random_export
 from training.data import CLASSES
-
-
-def load_handler(model_dir: Path) -> Service:
-    """The repository's handler behind a TorchServe Service, initialised like a worker does it."""
-    handler = FashionMNISTHandler()
-    manifest = {
-        "model": {"modelName": "fashion_mnist", "serializedFile": "model.pt", "handler": "fashion_handler.py"}
-    }
-    service = Service(
-        "fashion_mnist", str(model_dir), manifest, handler.handle, None, 8, True, metrics_cache("x")
-    )
-    handler.initialize(service.context)
-    return service
 
 
 @pytest.fixture(autouse=True)

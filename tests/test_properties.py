@@ -12,11 +12,14 @@ HYPOTHESIS_MAX_EXAMPLES=2000 when hunting.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import struct
+import warnings
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -24,9 +27,20 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from ts.service import Service
 
+from archive.selfcheck import Answer, WorkerRequest, predict
 from handler.payload import decode_base64, parse_request, parse_top_k
-from handler.preprocess import InputError, PreprocessSpec, decode_image, normalize, preprocess
+from handler.preprocess import (
+    DECODE_BUDGET_BYTES,
+    InputError,
+    PreprocessSpec,
+    decode_cost,
+    decode_image,
+    normalize,
+    preprocess,
+)
+from tests.conftest import load_handler, make_random_export
 
 SPEC = PreprocessSpec()
 NUM_CLASSES = 10
@@ -314,3 +328,198 @@ def test_any_top_k_is_clamped_into_range_or_is_an_input_error(value: object) -> 
         assert err.error == "invalid_top_k"
         return
     assert isinstance(k, int) and 1 <= k <= NUM_CLASSES
+
+
+# --- whole batches through TorchServe's worker code ------------------------------------------------
+#
+# The handler behind ts.service.Service (tests.conftest.load_handler), fed frames as the Java frontend
+# sends them (archive.selfcheck), under both values of decode_input_request. The property: every
+# request of a batch gets exactly one answer, 200 with predictions or a 4xx JSON error that the
+# handler foresaw (never 5xx, never `unprocessable_input`), and each answer is the one the request
+# gets when sent alone.
+
+DEEP = 100_000
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    # initialize() gives the process one torch thread, as in a worker; it keeps tiny batches fast on
+    # a busy machine. The rest of the session gets its own setting back.
+    saved = torch.get_num_threads()
+    try:
+        yield load_handler(make_random_export(tmp_path_factory.mktemp("export")))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def good_png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def grpc(inputs: dict[str, bytes]) -> WorkerRequest:
+    """A gRPC Predictions request: the `input` map as parameters without content type, no headers."""
+    return WorkerRequest(tuple((name, "", value) for name, value in inputs.items()))
+
+
+def file_part(content_type: str, value: bytes) -> WorkerRequest:
+    return WorkerRequest.multipart({"data": (content_type, value), "topk": ("", b"3")})
+
+
+JSON_TEXTS = st.one_of(
+    JSON_VALUES.map(lambda value: json.dumps(value).encode()),
+    st.integers(1, 20_000).map(lambda depth: b"[" * depth + b"]" * depth),
+    st.integers(1, 20_000).map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth),
+    st.integers(4000, 6000).map(lambda digits: b'{"data": "AAAA", "topk": ' + b"9" * digits + b"}"),
+    st.integers(1, 3000).map(lambda count: b'{"data": "AAAA", "x": [' + b"[]," * count + b"[]]}"),
+    st.just(b"[" * DEEP),
+)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> WorkerRequest:
+    """Any request shape a client can produce over REST or gRPC, good or hostile."""
+    image = draw(images())[3]
+    text = draw(JSON_TEXTS)
+    shapes = [
+        WorkerRequest.raw(image, "image/png"),
+        WorkerRequest.raw(draw(st.binary(max_size=512)), draw(st.sampled_from(["", "image/png", "text/x"]))),
+        WorkerRequest.raw(text, "application/json"),
+        WorkerRequest.raw(text, draw(st.sampled_from(["text/plain", "application/octet-stream", ""]))),
+        WorkerRequest.json({"data": base64.b64encode(image).decode(), "topk": draw(JSON_VALUES)}),
+        file_part(draw(st.sampled_from(["image/png", "text/plain", "application/json"])), image),
+        file_part(draw(st.sampled_from(["application/json", "text/plain", "text/csv"])), text),
+        WorkerRequest.multipart(
+            {name: (ctype, json.dumps(value).encode()) for name, ctype, value in draw(FORM_FIELDS)}
+        ),
+        grpc({"data": image, "topk": draw(st.binary(max_size=4) | st.just(b"2"))}),
+        grpc({draw(st.sampled_from(["data", "file", "image", "body", "other"])): text}),
+    ]
+    return draw(st.sampled_from(shapes))
+
+
+FORM_FIELDS = st.lists(
+    st.tuples(
+        st.sampled_from(["data", "file", "image", "topk", "k", "x"]),
+        st.sampled_from(["", "image/png", "text/plain", "application/json"]),
+        JSON_VALUES,
+    ),
+    max_size=3,
+)
+
+
+@contextlib.contextmanager
+def decode_input_request(value: str) -> Iterator[None]:
+    """What config.properties' decode_input_request tells the worker (TS_DECODE_INPUT_REQUEST)."""
+    saved = os.environ.get("TS_DECODE_INPUT_REQUEST")
+    os.environ["TS_DECODE_INPUT_REQUEST"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TS_DECODE_INPUT_REQUEST"]
+        else:
+            os.environ["TS_DECODE_INPUT_REQUEST"] = saved
+
+
+def check_answer(answer: Answer) -> None:
+    """200 with predictions, or a 4xx JSON error the handler foresaw."""
+    assert answer.content_type == "application/json", answer
+    body = answer.json()
+    if answer.status == 200:
+        assert body["predictions"], body
+        return
+    assert 400 <= answer.status < 500, answer
+    assert set(body) == {"error", "detail"} and body["detail"], body
+    assert body["error"] != "unprocessable_input", f"an input the handler did not foresee: {body}"
+
+
+def same_answer(batched: Answer, alone: Answer) -> bool:
+    """Equal, up to float noise of batched inference in the probabilities."""
+    if (batched.status, batched.content_type) != (alone.status, alone.content_type):
+        return False
+    if batched.status != 200:
+        return batched.body == alone.body
+    ours, theirs = batched.json()["predictions"], alone.json()["predictions"]
+    return [p["label"] for p in ours] == [p["label"] for p in theirs] and all(
+        abs(a["probability"] - b["probability"]) < 1e-5 for a, b in zip(ours, theirs, strict=True)
+    )
+
+
+@settings(PROPERTY, max_examples=max(10, PROPERTY.max_examples // 3))
+@given(batch=st.lists(requests(), min_size=1, max_size=6), decode=st.sampled_from(["true", "false"]))
+def test_every_request_in_a_batch_gets_its_own_answer(
+    service: Service, batch: list[WorkerRequest], decode: str
+) -> None:
+    good = WorkerRequest.raw(good_png(0), "image/png")
+    with decode_input_request(decode):
+        answers = predict(service, [*batch, good])
+        assert len(answers) == len(batch) + 1
+        for request, answer in zip(batch, answers, strict=False):
+            check_answer(answer)
+            assert same_answer(answer, predict(service, [request])[0]), (request, answer)
+        assert same_answer(answers[-1], predict(service, [good])[0])
+
+
+def every_mode_and_format() -> list[tuple[str, str, bytes]]:
+    """(mode, format, file) for each of Pillow's modes in each format Pillow can save it to."""
+    Image.init()
+    files = []
+    for mode in Image.MODES:
+        image = Image.new(mode, (40, 30))
+        for fmt in sorted(Image.SAVE):
+            buf = io.BytesIO()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    image.save(buf, format=fmt)
+            except Exception:  # this format cannot store this mode
+                continue
+            files.append((mode, fmt, buf.getvalue()))
+    return files
+
+
+@pytest.mark.parametrize("decode", ["true", "false"])
+def test_every_mode_in_every_writable_format_is_answered_alongside_a_good_image(
+    service: Service, decode: str
+) -> None:
+    files = every_mode_and_format()
+    assert len({mode for mode, _, _ in files}) >= len(Image.MODES) - 1  # no format stores La
+    good = WorkerRequest.raw(good_png(1), "image/png")
+    alone = predict(service, [good])[0]
+    with decode_input_request(decode):
+        for mode, fmt, data in files:
+            answers = predict(service, [WorkerRequest.raw(data, "image/png"), good])
+            check_answer(answers[0])
+            # Formats Pillow reads back must classify a plain image of every mode it wrote.
+            if fmt in ("PNG", "TIFF", "BMP", "WEBP", "JPEG", "GIF"):
+                assert answers[0].status == 200, (mode, fmt, answers[0].body)
+            assert same_answer(answers[1], alone), (mode, fmt)
+
+
+@pytest.mark.parametrize("mode", Image.MODES)
+def test_every_pillow_mode_in_memory_gives_a_model_input(mode: str) -> None:
+    # Noise with every band in use (also an extreme float range), so no conversion sees only zeros.
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    noise = [Image.effect_noise((40, 30), 120).convert("L") for _ in range(bands)]
+    image = Image.merge(mode, noise) if bands > 1 else noise[0].convert(mode)
+    if mode == "F":
+        image = Image.fromarray(np.asarray(image, np.float32) * 1e30 - 1e30)
+    check_model_input(preprocess(image, SPEC))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGBA", "RGB", "LA"])
+def test_decoding_budget_refuses_images_that_would_not_fit_with_413(mode: str) -> None:
+    # The largest image of this mode inside the budget decodes; a larger one is refused from its header.
+    per_pixel = decode_cost(mode, 1)
+    side = int((DECODE_BUDGET_BYTES // per_pixel) ** 0.5)
+    assert decode_cost(mode, side * side) <= DECODE_BUDGET_BYTES < decode_cost(mode, (side + 1) ** 2)
+    fmt = "PNG" if mode in ("I;16", "RGBA", "RGB", "LA") else "TIFF"
+    big = Image.new(mode, (side + 1, side + 1))
+    buf = io.BytesIO()
+    big.save(buf, format=fmt)
+    with pytest.raises(InputError) as raised:
+        decode_image(buf.getvalue(), SPEC)
+    assert (raised.value.status, raised.value.error) == (413, "image_too_large")
+    assert "budget" in raised.value.detail
