@@ -52,7 +52,7 @@ USER 10001:10001
 # Writable at run time (tmpfs or emptyDir when the root filesystem is read-only): HOME holds
 # TorchServe's key_file.json, /tmp its PID file and the unpacked archive.
 WORKDIR /home/model-server
-EXPOSE 8080 8081 8082
+EXPOSE 8080 8081 8082 7070 7071
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "/opt/fashion-serve/healthcheck.py"]
 ENTRYPOINT ["/usr/bin/tini", "--"]

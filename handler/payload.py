@@ -217,7 +217,8 @@ def check_json_shape(value: Any) -> None:
 
 def _too_complex() -> str:
     return (
-        f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels or has too many values; "
+        f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels, or holds more than "
+        f"{MAX_JSON_SKELETON} bytes outside its strings or {MAX_JSON_NODES} values; "
         'send one object, {"data": "<base64 image>", "topk": 3}'
     )
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -162,17 +163,28 @@ def log_tail(instance: Instance, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def instance_config(ports: dict[str, int]) -> str:
-    """The repository's config.properties plus this instance's listeners (later keys win)."""
+def instance_config(ports: dict[str, int], base: str | None = None) -> str:
+    """`base` (default: the repository's config.properties) plus this instance's loopback listeners
+    (later keys win)."""
     overrides = [
         f"inference_address=http://{HOST}:{ports['inference']}",
         f"management_address=http://{HOST}:{ports['management']}",
         f"metrics_address=http://{HOST}:{ports['metrics']}",
+        f"grpc_inference_address={HOST}",
+        f"grpc_management_address={HOST}",
         f"grpc_inference_port={ports['grpc_inference']}",
         f"grpc_management_port={ports['grpc_management']}",
     ]
     header = "\n# --- written by scripts/serve.py start: this instance's ports ---\n"
-    return CONFIG_FILE.read_text(encoding="utf-8") + header + "\n".join(overrides) + "\n"
+    base = CONFIG_FILE.read_text(encoding="utf-8") if base is None else base
+    return base + header + "\n".join(overrides) + "\n"
+
+
+def tokens_enabled(instance: Instance) -> bool:
+    """Whether the instance's config leaves TorchServe's token authorization on (its default)."""
+    text = instance.config_file.read_text(encoding="utf-8") if instance.config_file.is_file() else ""
+    values = re.findall(r"^\s*disable_token_authorization\s*[=:]\s*(\S*)", text, re.MULTILINE)
+    return not values or values[-1].lower() != "true"
 
 
 def check_ports_free(ports: dict[str, int]) -> None:
@@ -206,9 +218,16 @@ def check_prerequisites(instance: Instance, model_store: Path) -> None:
 
 
 def start(
-    instance: Instance, model_store: Path, ports: dict[str, int] | None = None, timeout: float = 120.0
+    instance: Instance,
+    model_store: Path,
+    ports: dict[str, int] | None = None,
+    timeout: float = 120.0,
+    config: str | None = None,
 ) -> Server:
     """Start TorchServe for `instance` and return once /ping answers 200.
+
+    `config` is the properties text to run (default: the repository's config.properties); the
+    instance's loopback addresses and ports are appended to it.
 
     Raises ServeError if it is already running, cannot start, or is not ready within `timeout`
     seconds (then it is stopped again and the last log lines are in the message).
@@ -231,7 +250,7 @@ def start(
         directory.mkdir(parents=True, exist_ok=True)
     if instance.log_file.exists():  # keep the previous run's log; ts.log is this run's alone
         instance.log_file.replace(instance.log_file.with_suffix(".log.1"))
-    instance.config_file.write_text(instance_config(ports), encoding="utf-8")
+    instance.config_file.write_text(instance_config(ports, config), encoding="utf-8")
 
     env = {k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"}  # it would override --ts-config
     # TMPDIR: the launcher's PID file; TEMP: the JVM's java.io.tmpdir, where worker sockets go.
@@ -272,7 +291,8 @@ def start(
 def wait_ready(instance: Instance, server: Server, timeout: float) -> None:
     """Poll until /ping answers 200 with the inference key; fail early if the JVM dies."""
     deadline = time.monotonic() + timeout
-    client = Client(server.url("inference"), server.url("management"), instance.key_file)
+    tokens = tokens_enabled(instance)
+    client = Client(server.url("inference"), server.url("management"), instance.key_file if tokens else None)
     try:
         while True:
             # A JVM that failed to bind logs "Torchserve stopped." but does not exit.
@@ -281,7 +301,7 @@ def wait_ready(instance: Instance, server: Server, timeout: float) -> None:
                 raise ServeError(
                     f"TorchServe failed to start; last lines of {instance.log_file}:\n{log_tail(instance)}"
                 )
-            if instance.key_file.is_file():
+            if instance.key_file.is_file() or not tokens:
                 try:
                     if client.ping().get("status") == "Healthy":
                         return
@@ -358,7 +378,8 @@ class Client:
         server = read_record(instance)
         if server is None or server_process(server) is None:
             raise ServeError(f"TorchServe instance {instance.name!r} is not running: {START_HINT}")
-        return cls(server.url("inference"), server.url("management"), instance.key_file, timeout)
+        key_file = instance.key_file if tokens_enabled(instance) else None
+        return cls(server.url("inference"), server.url("management"), key_file, timeout)
 
     def key(self, api: str) -> str | None:
         """The current key for "inference" or "management", renewed if it has expired."""

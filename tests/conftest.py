@@ -11,7 +11,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from ts.service import Service
 
+from archive.build import ServingConfig
 from archive.selfcheck import metrics_cache
 from handler.fashion_handler import FashionMNISTHandler
 from handler.meta import ModelMeta
 from model import FashionCNN
+from scripts import serve
 from training import data as data_mod
 from training.config import register_configs
 from training.data import CLASSES
@@ -177,3 +180,56 @@ def mar_file(tmp_path_factory: pytest.TempPathFactory, export_dir: Path) -> Path
     from archive.build import build
 
     return build(export_dir, tmp_path_factory.mktemp("model_store")).path
+
+
+# --- a real TorchServe per deploy target (test_hostile, test_grpc) -----------------------------------
+
+# The model's batching on those servers: a batch leaves the queue when it holds 8 requests or after
+# 4 s, so 8 answers well before 4 s prove that 8 requests went through the worker as one batch.
+BATCH_SIZE = 8
+BATCH_DELAY_MS = 4000
+BATCHING = ServingConfig(min_workers=1, max_workers=1, batch_size=BATCH_SIZE, max_batch_delay=BATCH_DELAY_MS)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running server: a local variant of one target's config (tests.reliability.TARGET_CONFIGS)."""
+
+    target: str
+    instance: serve.Instance
+    client: serve.Client
+    export: Path  # the random-weights export its archive holds (for offline answers)
+    worker_decodes: bool  # decode_input_request is on: the worker parses JSON and text bodies itself
+
+
+@pytest.fixture(scope="module", params=["local"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The random-weights archive (batch 8, 4 s delay, one worker) served with a target's config.
+
+    Parametrize with `@pytest.mark.parametrize("served", [...targets], indirect=True)`; default "local".
+    """
+    from tests.reliability import TARGET_CONFIGS, property_value, random_archive, serving_store_copy
+
+    archive = random_archive(tmp_path_factory, BATCHING)
+    config = TARGET_CONFIGS[request.param]()
+    with serving_store_copy(tmp_path_factory, archive, request.param, config=config) as instance:
+        client = serve.Client.for_instance(instance)
+        described = client.describe()[0]
+        assert (described["batchSize"], described["maxBatchDelay"]) == (BATCH_SIZE, BATCH_DELAY_MS), described
+        decodes = (property_value(config, "decode_input_request") or "true").lower() == "true"
+        yield Served(request.param, instance, client, archive.export, decodes)
+
+
+@pytest.fixture(scope="module")
+def offline(served: Served) -> Callable[[bytes], torch.Tensor]:
+    """image bytes -> the served export's class probabilities, evaluated in-process (cached)."""
+    from tests.serving import offline_probabilities
+
+    cache: dict[bytes, torch.Tensor] = {}
+
+    def probabilities(image: bytes) -> torch.Tensor:
+        if image not in cache:
+            cache[image] = offline_probabilities(served.export, [image])[0]
+        return cache[image]
+
+    return probabilities

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import socket
 import time
@@ -26,14 +27,25 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from archive.build import build
+from archive.build import ServingConfig, build
 from scripts import serve
 from tests.conftest import make_random_export
 
+REPO = Path(__file__).resolve().parent.parent
 ANY_PORTS = dict.fromkeys(serve.DEFAULT_PORTS, 0)
+# The TorchServe settings of each place the model is served, as properties text. The reliability
+# suites run a local variant of each (`local_variant`); "local-worker-decodes" is the local file
+# with TorchServe's default decode_input_request=true, the other mode a worker can run in.
+TARGET_CONFIGS: dict[str, Callable[[], str]] = {
+    "local": lambda: (REPO / "config.properties").read_text(encoding="utf-8"),
+    "local-worker-decodes": lambda: TARGET_CONFIGS["local"]() + "\ndecode_input_request=true\n",
+    "container": lambda: (REPO / "docker" / "config.properties").read_text(encoding="utf-8"),
+    "pod": lambda: (REPO / "deploy/base/torchserve/config.properties").read_text(encoding="utf-8"),
+}
 PREDICT_PATH = f"/predictions/{serve.MODEL_NAME}"
 # Lines that mean the server or a worker hit something unexpected; bad input must never cause them.
-TROUBLE = ("Traceback", "Invoking custom service failed", "Backend worker process died", " ERROR ")
+# The handler logs "unforeseen failure" for an input it did not foresee (answered 400 on its own).
+TROUBLE = ("Invoking custom service failed", "Backend worker process died", " ERROR ", "unforeseen failure")
 
 
 @dataclass(frozen=True)
@@ -42,27 +54,61 @@ class RandomArchive:
     store: Path  # a model store holding fashion_mnist.mar
 
 
-def random_archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
-    """The session's random-weights export and its archive, built on first use (about 15 s)."""
-    root = tmp_path_factory.getbasetemp() / "random-archive"
-    archive = RandomArchive(root / "export", root / "store")
-    if not (archive.store / f"{serve.MODEL_NAME}.mar").is_file():
-        make_random_export(archive.export)
-        build(archive.export, archive.store)
-    return archive
+def random_archive(
+    tmp_path_factory: pytest.TempPathFactory, serving: ServingConfig | None = None
+) -> RandomArchive:
+    """The session's random-weights export and an archive of it, built on first use (about 15 s).
+
+    `serving`: the archive's model-config.yaml (default: archive.build's); one archive per setting.
+    """
+    base = tmp_path_factory.getbasetemp()
+    export = base / "random-archive" / "export"
+    store = base / ("random-archive" if serving is None else f"random-archive-{abs(hash(serving))}") / "store"
+    if not (export / "model.pt").is_file():
+        make_random_export(export)
+    if not (store / f"{serve.MODEL_NAME}.mar").is_file():
+        build(export, store, config=serving)
+    return RandomArchive(export, store)
+
+
+def property_value(properties: str, name: str) -> str | None:
+    """The value a Java properties text gives `name` (the last one wins), or None."""
+    values = re.findall(rf"^\s*{re.escape(name)}\s*[=:]\s*(.*?)\s*$", properties, re.MULTILINE)
+    return values[-1] if values else None
+
+
+def local_variant(properties: str, store: Path) -> str:
+    """A target's TorchServe settings made runnable here, everything else kept: this run's model store.
+
+    serve.start appends loopback addresses on free ports and runs the server in its own state dir.
+    """
+    return properties + f"\n# --- tests: this run's private model store ---\nmodel_store={store}\n"
 
 
 @contextlib.contextmanager
 def serving_store_copy(
-    tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive, name: str, **register: Any
+    tmp_path_factory: pytest.TempPathFactory,
+    archive: RandomArchive,
+    name: str,
+    config: str | None = None,
+    **register: Any,
 ) -> Iterator[serve.Instance]:
-    """A running server with the model registered; its store is a private copy tests may add archives to."""
+    """A running server with the model loaded; its store is a private copy tests may add archives to.
+
+    `config`: a target's properties text (`TARGET_CONFIGS`), run as its `local_variant` (default: the
+    repository's config.properties). A config that loads the model at start (load_models) gets no
+    registration, as in its target; otherwise the model is registered with `register`.
+    """
     store = tmp_path_factory.mktemp("store")
     shutil.copyfile(archive.store / f"{serve.MODEL_NAME}.mar", store / f"{serve.MODEL_NAME}.mar")
     instance = serve.Instance(name, tmp_path_factory.mktemp("serve"))
-    serve.start(instance, store, ANY_PORTS)
+    serve.start(instance, store, ANY_PORTS, config=None if config is None else local_variant(config, store))
     try:
-        serve.Client.for_instance(instance).register(**register)
+        client = serve.Client.for_instance(instance)
+        if config is None or property_value(config, "load_models") is None:
+            client.register(**register)
+        else:
+            assert wait_for(lambda: worker_pids(client), timeout=120), "load_models started no worker"
         yield instance
     finally:
         serve.stop(instance)
@@ -222,6 +268,12 @@ def settle_log(client: serve.Client, log_file: Path, batch_size: int = 1) -> str
     return log_file.read_text(errors="replace")
 
 
-def trouble(log_text: str) -> list[str]:
-    """The lines of a server log that show a traceback, a failed handler call or a dead worker."""
-    return [line for line in log_text.splitlines() if any(mark in line for mark in TROUBLE)]
+def trouble(log_text: str, worker_decodes: bool = False) -> list[str]:
+    """The lines of a server log that show a traceback, a failed handler call or a dead worker.
+
+    `worker_decodes` (decode_input_request=true): TorchServe's worker then logs a warning with a
+    traceback for every JSON or text body it cannot decode before it hands over the bytes, which is
+    its normal behaviour; only the other marks count.
+    """
+    marks = TROUBLE if worker_decodes else ("Traceback", *TROUBLE)
+    return [line for line in log_text.splitlines() if any(mark in line for mark in marks)]

@@ -39,6 +39,8 @@ POD_LABELS = {"app.kubernetes.io/name": "fashion-mnist"}
 POD_CONFIG_CHANGES = {
     "inference_address",
     "management_address",
+    "grpc_inference_address",
+    "grpc_management_address",
     "disable_token_authorization",
     "token_expiration_min",
 }
@@ -194,6 +196,7 @@ def test_pod_config_differs_from_the_image_config_only_where_it_must() -> None:
     assert changed == POD_CONFIG_CHANGES
     assert (
         pod["inference_address"].startswith("http://127.0.0.1:")
+        and pod["grpc_inference_address"] == pod["grpc_management_address"] == "127.0.0.1"
         and pod["disable_token_authorization"] == "true"
     )
 

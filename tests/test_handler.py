@@ -26,6 +26,7 @@ from PIL import Image
 from ts.service import Service
 
 from archive.selfcheck import Answer, WorkerRequest, predict
+from handler import fashion_handler
 from handler.fashion_handler import THREADS_ENV, configure_threads
 from handler.meta import MetaError
 from handler.postprocess import class_names
@@ -350,6 +351,32 @@ def test_bad_input_logs_one_warning_line_and_no_traceback(service, caplog):
     assert [(r.name, r.levelname) for r in problems] == [("handler.fashion_handler", "WARNING")]
     assert "400 unsupported_image" in problems[0].getMessage()
     assert all(r.exc_info is None and "\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_an_unforeseen_failure_is_that_request_s_own_400_logged_once(service, reference, monkeypatch, caplog):
+    # Fault injection: stands in for any exception the input path does not anticipate today.
+    real_preprocess = fashion_handler.preprocess
+
+    def failing_on_marker(image: bytes, spec: PreprocessSpec) -> torch.Tensor:
+        if image == b"marker":
+            raise RuntimeError("an input the handler did not foresee")
+        return real_preprocess(image, spec)
+
+    monkeypatch.setattr(fashion_handler, "preprocess", failing_on_marker)
+    caplog.set_level(logging.INFO)
+    answers = ask(
+        service,
+        WorkerRequest.raw(png(seed=1), "image/png"),
+        WorkerRequest.raw(b"marker", "application/octet-stream"),
+        WorkerRequest.raw(png(seed=2), "image/png"),
+    )
+    assert [a.status for a in answers] == [200, 400, 200]
+    assert answers[1].json()["error"] == "unprocessable_input" and "request-1" in answers[1].json()["detail"]
+    assert_predicts(answers[0], reference(png(seed=1)))
+    assert_predicts(answers[2], reference(png(seed=2)))
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelname, r.exc_info is not None) for r in logged] == [("ERROR", True)]
+    assert "request-1" in logged[0].getMessage()
 
 
 @pytest.mark.parametrize(("value", "threads"), [(None, 1), ("3", 3)])

@@ -8,6 +8,10 @@ exactly as the export answers offline; the worker PIDs unchanged (no restart); e
 per request (tests.reliability.exchange); the server healthy afterwards; and no traceback or error
 line in the server log. docs/reliability.md lists the kinds with their status codes.
 
+Then every kind, the refused ones twice, is sent interleaved with good images from 16 clients to a
+server running each target's TorchServe config (tests.reliability.TARGET_CONFIGS: the local file in
+both decode modes, the container's and the pod's), each made runnable on loopback.
+
 The model is a random-weights export archived with the project's own archive step (no training).
 """
 
@@ -20,7 +24,7 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,24 +35,19 @@ import torch
 from PIL import Image
 
 from scripts import serve
+from tests.conftest import BATCH_DELAY_MS, BATCH_SIZE, Served
 from tests.reliability import (
-    ANY_PORTS,
     PREDICT_PATH,
-    RandomArchive,
+    TARGET_CONFIGS,
     Reply,
     exchange_all,
     http_request,
-    random_archive,
     settle_log,
     trouble,
     worker_pids,
 )
-from tests.serving import offline_probabilities, png_bytes
+from tests.serving import png_bytes
 
-BATCH_SIZE = 8
-# A batch leaves the queue when it holds 8 requests or after this delay: answers well before it
-# prove the hostile request and its good batch-mates went through the worker as one batch.
-BATCH_DELAY_MS = 4000
 MAX_REQUEST_SIZE = int(re.search(r"^max_request_size=(\d+)$", serve.CONFIG_FILE.read_text(), re.M).group(1))
 # Distinct good images, so a mixed-up answer cannot go unnoticed.
 GOOD = [
@@ -106,9 +105,9 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def declared_png(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height, followed by almost no pixel data."""
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+def declared_png(width: int, height: int, bit_depth: int = 8) -> bytes:
+    """A valid grayscale PNG header declaring width x height, followed by almost no pixel data."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0))
     return (
         b"\x89PNG\r\n\x1a\n"
         + header
@@ -135,12 +134,15 @@ def as_json(value: Any) -> Callable[[], Hostile]:
     return lambda: Hostile(json.dumps(value).encode(), content_type="application/json")
 
 
-def multipart(parts: list[tuple[bytes, bytes]], image: bytes | None = None) -> Callable[[], Hostile]:
-    """parts: (Content-Disposition parameters, content) pairs; file parts say filename=... themselves."""
+def multipart(
+    parts: list[tuple[bytes, bytes]], image: bytes | None = None, file_type: bytes = b"image/png"
+) -> Callable[[], Hostile]:
+    """parts: (Content-Disposition parameters, content) pairs; file parts say filename=... themselves
+    and are sent with Content-Type `file_type`."""
     boundary = b"hostile-boundary-7d3f"
     body = b"".join(
         b"--" + boundary + b"\r\nContent-Disposition: form-data; " + params + b"\r\n"
-        + (b"Content-Type: image/png\r\n" if b"filename=" in params else b"")
+        + (b"Content-Type: " + file_type + b"\r\n" if b"filename=" in params else b"")
         + b"\r\n" + content + b"\r\n"
         for params, content in parts
     ) + b"--" + boundary + b"--\r\n"  # fmt: skip
@@ -192,6 +194,11 @@ def exif_rotated_jpeg() -> bytes:
     return encode(garment("RGB", (28, 40)), "JPEG", exif=exif.tobytes())
 
 
+def lab_tiff() -> bytes:
+    lab = Image.merge("LAB", [garment(), Image.new("L", (28, 28), 128), Image.new("L", (28, 28), 128)])
+    return encode(lab, "TIFF")
+
+
 def oversized(chunk_size: int | None = None) -> Callable[[], Hostile]:
     return lambda: Hostile(b"\0" * (MAX_REQUEST_SIZE + 1), chunk_size=chunk_size)
 
@@ -215,6 +222,10 @@ KINDS = [
     Kind("animated-gif", image_body(animated_gif, content_type="image/gif"), 200, None),
     Kind("16-bit-png", image_body(png_16bit, content_type="image/png"), 200, None),
     Kind(
+        "16-bit-png-over-decode-budget", raw(declared_png(5_000, 5_000, bit_depth=16)), 413, "image_too_large"
+    ),
+    Kind("lab-tiff", image_body(lab_tiff, content_type="image/tiff"), 200, None),
+    Kind(
         "cmyk-jpeg", image_body(lambda: encode(garment("CMYK"), "JPEG"), content_type="image/jpeg"), 200, None
     ),
     Kind("rgba-png", image_body(lambda: encode(garment("RGBA"), "PNG"), content_type="image/png"), 200, None),
@@ -225,12 +236,44 @@ KINDS = [
     Kind("json-array", as_json([b64(GOOD[0])]), 400, "missing_data"),
     Kind("json-malformed", raw(b'{"data": "iVBOR', content_type="application/json"), 400, "invalid_json"),
     Kind("png-sent-as-json", raw(GOOD[0], content_type="application/json"), 400, "invalid_json"),
+    Kind(
+        "json-nested-100000-deep",
+        raw(b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", content_type="application/json"),
+        400,
+        "json_too_complex",
+    ),
+    Kind(
+        "json-5000-digit-top-k",
+        raw(b'{"data": "AAAA", "topk": ' + b"7" * 5000 + b"}", content_type="application/json"),
+        400,
+        "json_too_complex",
+    ),
     Kind("multipart-without-file", multipart([(b'name="topk"', b"3")]), 400, "missing_file"),
     Kind(
         "multipart-two-unnamed-files",
         multipart([(b'name="a"; filename="a.png"', GOOD[0]), (b'name="b"; filename="b.png"', GOOD[1])]),
         400,
         "ambiguous_file",
+    ),
+    Kind(
+        "multipart-text-file-part",
+        multipart([(FILE_PART, b"a plain-text note")], file_type=b"text/plain"),
+        400,
+        "unsupported_image",
+    ),
+    Kind(
+        "multipart-json-file-part",
+        multipart(
+            [(FILE_PART, b'{"data": "' + b64(GOOD[0]).encode() + b'"}')], file_type=b"application/json"
+        ),
+        400,
+        "unsupported_image",
+    ),
+    Kind(
+        "multipart-json-number-file-part",
+        multipart([(FILE_PART, b"1000000000")], file_type=b"application/json"),
+        400,
+        "unsupported_image",
     ),
     Kind(
         "multipart-non-utf8-filename",
@@ -263,45 +306,7 @@ KINDS = [
 ]
 
 
-# --- the server ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
-    return random_archive(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive) -> Iterator[serve.Instance]:
-    """One server for the module, the model registered with batch_size 8 and one worker."""
-    instance = serve.Instance("hostile", tmp_path_factory.mktemp("serve"))
-    serve.start(instance, archive.store, ANY_PORTS)
-    try:
-        client = serve.Client.for_instance(instance)
-        client.register(batch_size=BATCH_SIZE, max_batch_delay=BATCH_DELAY_MS)
-        described = client.describe()[0]
-        assert (described["batchSize"], len(described["workers"])) == (BATCH_SIZE, 1)
-        yield instance
-    finally:
-        serve.stop(instance)
-
-
-@pytest.fixture(scope="module")
-def client(server: serve.Instance) -> serve.Client:
-    return serve.Client.for_instance(server)
-
-
-@pytest.fixture(scope="module")
-def offline(archive: RandomArchive) -> Callable[[bytes], torch.Tensor]:
-    """image bytes -> the export's class probabilities, evaluated in-process (cached)."""
-    cache: dict[bytes, torch.Tensor] = {}
-
-    def probabilities(image: bytes) -> torch.Tensor:
-        if image not in cache:
-            cache[image] = offline_probabilities(archive.export, [image])[0]
-        return cache[image]
-
-    return probabilities
+# --- checks ---------------------------------------------------------------------------------------------
 
 
 def inference_port(client: serve.Client) -> int:
@@ -350,9 +355,7 @@ def check_answer(
         assert (body["code"], body["type"]) == (kind.status, kind.error) and body["message"], body
 
 
-def check_healthy(
-    client: serve.Client, server: serve.Instance, pids: dict[str, int], offline: Callable
-) -> None:
+def check_healthy(client: serve.Client, pids: dict[str, int], offline: Callable) -> None:
     """Same worker PIDs, /ping healthy, a full batch of good images answered right, no trouble logged."""
     assert worker_pids(client) == pids, "a worker was restarted"
     assert client.ping() == {"status": "Healthy"}
@@ -369,9 +372,10 @@ def check_healthy(
 @pytest.mark.serving
 @pytest.mark.parametrize("kind", KINDS, ids=[kind.name for kind in KINDS])
 def test_hostile_input_gets_its_answer_and_spares_its_batch(
-    server: serve.Instance, client: serve.Client, offline: Callable[[bytes], torch.Tensor], kind: Kind
+    served: Served, offline: Callable[[bytes], torch.Tensor], kind: Kind
 ) -> None:
-    log_start = len(settle_log(client, server.log_file, BATCH_SIZE))
+    client, log_file = served.client, served.instance.log_file
+    log_start = len(settle_log(client, log_file, BATCH_SIZE))
     pids = worker_pids(client)
     hostile = kind.make()
     # A refused-by-the-frontend request never joins a batch, so eight good images fill it.
@@ -388,40 +392,56 @@ def test_hostile_input_gets_its_answer_and_spares_its_batch(
     assert [
         answers_like_offline(reply, offline(image)) for reply, image in zip(replies, goods, strict=True)
     ] == [True] * len(goods)
-    check_healthy(client, server, pids, offline)
-    assert trouble(settle_log(client, server.log_file, BATCH_SIZE)[log_start:]) == []
+    check_healthy(client, pids, offline)
+    assert trouble(settle_log(client, log_file, BATCH_SIZE)[log_start:], served.worker_decodes) == []
 
 
 @pytest.mark.serving
-def test_burst_of_bad_requests_interleaved_with_good_ones(
-    server: serve.Instance, client: serve.Client, offline: Callable[[bytes], torch.Tensor]
+@pytest.mark.parametrize("served", list(TARGET_CONFIGS), indirect=True)
+def test_every_kind_interleaved_with_good_requests_under_each_target_config(
+    served: Served, offline: Callable[[bytes], torch.Tensor]
 ) -> None:
-    log_start = len(settle_log(client, server.log_file, BATCH_SIZE))
+    client, log_file = served.client, served.instance.log_file
+    log_start = len(settle_log(client, log_file, BATCH_SIZE))
     pids = worker_pids(client)
-    bad_kinds = [kind for kind in KINDS if kind.status != 200]
-    hostiles = [kind.make() for kind in bad_kinds]
-    sequence: list[tuple[Kind | None, Hostile | None, bytes]] = []
-    for i in range(2 * len(bad_kinds)):  # bad, good, bad, good, ...: every bad kind twice
-        kind, hostile = bad_kinds[i % len(bad_kinds)], hostiles[i % len(bad_kinds)]
-        sequence.append((kind, hostile, hostile.request(client.key("inference"))))
+    # Every kind, the refused ones twice, each followed by a good image.
+    kinds = KINDS + [kind for kind in KINDS if kind.status != 200]
+    sequence: list[tuple[Kind | None, Hostile]] = []
+    for i, kind in enumerate(kinds):
         image = GOOD[i % len(GOOD)]
-        sequence.append((None, Hostile(image, image=image), good_request(client, image)))
+        sequence += [(kind, kind.make()), (None, Hostile(image, content_type="image/png", image=image))]
+    key = client.key("inference")
 
-    replies = exchange_all(
-        inference_port(client), [request for _, _, request in sequence], client.key("inference"), clients=16
-    )
+    replies = exchange_all(inference_port(client), [hostile.request(key) for _, hostile in sequence], key, 16)
 
-    for (kind, hostile, _), reply in zip(sequence, replies, strict=True):
+    for (kind, hostile), reply in zip(sequence, replies, strict=True):
         if kind is None:
             assert answers_like_offline(reply, offline(hostile.image)), reply.body
         else:
             check_answer(kind, hostile, reply, offline)
-    check_healthy(client, server, pids, offline)
-    assert trouble(settle_log(client, server.log_file, BATCH_SIZE)[log_start:]) == []
+    check_healthy(client, pids, offline)
+    assert trouble(settle_log(client, log_file, BATCH_SIZE)[log_start:], served.worker_decodes) == []
 
 
-def test_matrix_covers_at_least_twenty_kinds_each_documented() -> None:
+def documented_kinds() -> dict[str, tuple[int, str | None]]:
+    """Kind -> (status, error) from the hostile-input table of docs/reliability.md, whose test column
+    must name the row's own kind."""
     doc = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text(encoding="utf-8")
-    assert len(KINDS) >= 20
-    for kind in KINDS:
-        assert re.search(rf"^\| `{re.escape(kind.name)}` \|.*\| {kind.status} \|", doc, re.M), kind.name
+    table = doc.split("| kind | what is sent | status | body | test |", 1)[1].split("\n\n", 1)[0]
+    rows = table.strip().splitlines()[1:]  # below the |---| line
+    kinds = {}
+    for row in rows:
+        match = re.fullmatch(r"\| `([^`]+)` \| .* \| (\d{3}) \| ([^|]*) \| `\[([^\]]+)\]` \|", row)
+        assert match and match[1] == match[4], f"malformed row in docs/reliability.md: {row}"
+        error = re.match(r"`([^`]+)`", match[3].strip())
+        kinds[match[1]] = (int(match[2]), error[1] if error else None)
+    return kinds
+
+
+def test_the_documented_table_and_the_matrix_list_the_same_kinds() -> None:
+    tested = {kind.name: (kind.status, kind.error) for kind in KINDS}
+    documented = documented_kinds()
+    assert len(tested) >= 20
+    assert sorted(set(tested) - set(documented)) == [], "tested kinds missing from docs/reliability.md"
+    assert sorted(set(documented) - set(tested)) == [], "documented kinds that no test sends"
+    assert tested == documented
