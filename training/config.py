@@ -56,6 +56,12 @@ class TrainerConfig:
     fast_dev_run: bool = False
     log_every_n_steps: int = 50
     progress_bar: bool = True
+    # Where and how many processes: trainer=ddp sets these (docs/training.md, "Distributed training").
+    accelerator: str = "cpu"  # "auto" picks a GPU when there is one
+    devices: int = 1  # processes per node; under torchrun it must equal --nproc-per-node
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp": gloo on CPU, NCCL on GPU
+    precision: str = "32-true"  # or "bf16-mixed" (docs/training.md measures both)
 
 
 @dataclass
@@ -74,6 +80,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 42
     run_root: str = "outputs/train"
+    export_dir: str | None = None  # when set, rank 0 exports the best checkpoint here after training
 
 
 def register_configs() -> None:
