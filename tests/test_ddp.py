@@ -5,13 +5,15 @@
 torchrun starts tests/ddp_probe.py twice; each rank trains through training.train into its own
 directory and records what it saw, so the test can compare ranks: disjoint shards, identical
 parameters after the steps, one validation accuracy for the whole validation set, and nothing
-written by rank 1. A second test starts the real CLI and lets Lightning launch the second process.
+written by rank 1. Two more tests start the real CLI: once letting Lightning launch the second
+process, once as the documented multi-node torchrun command run as two nodes on this host.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,32 @@ def test_lightning_launches_ddp_from_the_cli(real_data_root: Path, tmp_path: Pat
     assert (run_dir / "train_ddp_process_1.log").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert proc.stdout.count("next:       python -m training.export") == 1, proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_nodes_meet_at_node_zero(real_data_root: Path, tmp_path: Path) -> None:
+    """docs/training.md's multi-node command, as two nodes of one process each on this host."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    nodes = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "training.train", *FEW_BATCHES, "trainer.num_nodes=2", "trainer.devices=1",
+               f"data.root={real_data_root}", f"hydra.run.dir={tmp_path / f'node{rank}'}",
+               f"export_dir={tmp_path / f'export{rank}'}"]  # fmt: skip
+        nodes.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert (tmp_path / "node0" / "checkpoints" / "best.ckpt").is_file()
+    assert (tmp_path / "export0" / "model.pt").is_file() and not (tmp_path / "export1").exists()
+    # Node 1's run dir holds only what Hydra writes in every process.
+    assert {p.name for p in (tmp_path / "node1").iterdir()} <= {".hydra", "train.log"}
+    assert [out.count("next:       python -m training.export") for out, _ in outputs] == [1, 0]
