@@ -2,11 +2,13 @@
 
     .venv/bin/python -m checks.manifests     # exit 0 when all passes, 1 naming each problem
 
-- `kubectl kustomize` renders deploy/base and deploy/overlays/gke;
+- `kubectl kustomize` renders deploy/base, deploy/overlays/gke and deploy/training (the GKE training Job);
 - `kubernetes-validate --strict` checks every rendered object, and deploy/token-secret.template.yaml,
   against the Kubernetes minor versions GKE's stable channel offers (docs/deploy.md says why these);
 - the PodMonitoring, a CRD kubernetes-validate has no schema for, must match
-  deploy/schemas/podmonitoring-v1.json.
+  deploy/schemas/podmonitoring-v1.json;
+- the Vertex AI training job, deploy/vertex/customjob.yaml with example values in its placeholders,
+  must match deploy/schemas/vertex-customjobspec-v1.json.
 
 The pre-commit hook `kubernetes-manifests` runs this (so `make test` does); tests/test_deploy.py
 checks with these same functions that each gate rejects a broken manifest.
@@ -15,6 +17,7 @@ checks with these same functions that each gate rejects a broken manifest.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -31,8 +34,20 @@ DEPLOY = REPO / "deploy"
 # clusters). scripts/deploy_gke.sh creates clusters on that channel.
 GKE_STABLE = ["1.34.0", "1.35.0"]
 OVERLAYS = ["base", "overlays/gke"]
+TRAINING = "training"
 SECRET_TEMPLATE = DEPLOY / "token-secret.template.yaml"
 PODMONITORING_SCHEMA = DEPLOY / "schemas" / "podmonitoring-v1.json"
+VERTEX_SPEC = DEPLOY / "vertex" / "customjob.yaml"
+VERTEX_SCHEMA = DEPLOY / "schemas" / "vertex-customjobspec-v1.json"
+# What scripts/train_gcp.sh puts in the spec's ${...} placeholders, by example.
+VERTEX_EXAMPLE = {
+    "IMAGE": "us-central1-docker.pkg.dev/demo-project/fashion-mnist/fashion-mnist-train:v1",
+    "BUCKET": "demo-project-fashion-mnist",
+    "RUN_ID": "20261201-120000",
+    "WORKERS": "1",
+    "MACHINE_TYPE": "n2-standard-8",
+    "SERVICE_ACCOUNT": "fashion-mnist-train@demo-project.iam.gserviceaccount.com",
+}
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
@@ -68,11 +83,26 @@ def podmonitoring_schema() -> dict[str, Any]:
     return json.loads(PODMONITORING_SCHEMA.read_text(encoding="utf-8"))
 
 
+def vertex_schema() -> dict[str, Any]:
+    return json.loads(VERTEX_SCHEMA.read_text(encoding="utf-8"))
+
+
+def vertex_spec(values: dict[str, str] = VERTEX_EXAMPLE) -> dict[str, Any]:
+    """deploy/vertex/customjob.yaml with its ${NAME} placeholders filled from `values`.
+
+    Only the braced form is a placeholder: $WORLD_SIZE and the like are for the job's shell."""
+    text = VERTEX_SPEC.read_text(encoding="utf-8")
+    unknown = set(re.findall(r"\$\{(\w+)\}", text)) - values.keys()
+    if unknown:
+        raise KeyError(f"{VERTEX_SPEC.name} has placeholders with no value: {sorted(unknown)}")
+    return yaml.safe_load(re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], text))
+
+
 def problems() -> list[str]:
     """Every way deploy/ fails the checks above; empty when it passes."""
     found: list[str] = []
     rendered: dict[str, list[dict[str, Any]]] = {}
-    for overlay in OVERLAYS:
+    for overlay in [*OVERLAYS, TRAINING]:
         try:
             rendered[overlay] = render(overlay)
         except RuntimeError as err:
@@ -96,6 +126,11 @@ def problems() -> list[str]:
                 found.append(
                     f"deploy/{name}: PodMonitoring breaks {PODMONITORING_SCHEMA.name}: {err.message}"
                 )
+    try:
+        jsonschema.validate(vertex_spec(), vertex_schema())
+    except (KeyError, jsonschema.ValidationError) as err:
+        message = err.message if isinstance(err, jsonschema.ValidationError) else err.args[0]
+        found.append(f"{VERTEX_SPEC.relative_to(REPO)} breaks {VERTEX_SCHEMA.name}: {message}")
     return found
 
 
@@ -106,7 +141,10 @@ def main() -> int:
     if found:
         print(f"manifests: {len(found)} problem(s) in deploy/; fix the manifests above.", file=sys.stderr)
         return 1
-    print(f"manifests: {', '.join(OVERLAYS)} render and validate for Kubernetes {', '.join(GKE_STABLE)}")
+    print(
+        f"manifests: {', '.join([*OVERLAYS, TRAINING])} render and validate for Kubernetes "
+        f"{', '.join(GKE_STABLE)}; {VERTEX_SPEC.relative_to(DEPLOY)} matches its schema"
+    )
     return 0
 
 
