@@ -7,7 +7,7 @@ EXPORT ?= artifacts/model
 TRAIN_ARGS ?=
 
 .PHONY: help setup setup-dev all data train export evaluate archive serve stop lint test test-fast \
-	image image-train bench-training bench-loading bench-serving bench-container soak clean
+	image image-train bench-training bench-loading bench-precision bench-serving bench-container soak clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ bench-training:  ## measure default + accurate training; writes docs/training.md
 
 bench-loading:  ## DataLoader images/s for 0, 1 and 2 workers; writes docs/training.md
 	$(PY) -m scripts.bench_loading
+
+bench-precision:  ## fp32 against bf16-mixed training speed and accuracy; writes its section of docs/training.md
+	$(PY) -m scripts.bench_precision
 
 bench-serving:  ## cold start, latency and throughput of the archive; writes docs/serving.md
 	$(PY) -m scripts.bench_serving

@@ -133,4 +133,17 @@ def test_torchrun_nodes_meet_at_node_zero(real_data_root: Path, tmp_path: Path) 
     assert (tmp_path / "export0" / "model.pt").is_file() and not (tmp_path / "export1").exists()
     # Node 1's run dir holds only what Hydra writes in every process.
     assert {p.name for p in (tmp_path / "node1").iterdir()} <= {".hydra", "train.log"}
-    assert [out.count("next:       python -m training.export") for out, _ in outputs] == [1, 0]
+    assert [out.count(f"exported:   {tmp_path / 'export0'}") for out, _ in outputs] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("trainer.strategy=dpp", "invalid strategy name"), ("trainer.precision=fp8", "precision")],
+)
+def test_a_setting_lightning_refuses_is_a_clear_error(override: str, message: str, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "training.train", "trainer=ddp", override, f"run_root={tmp_path}",
+           f"data.root={tmp_path / 'data'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "trainer.* overrides" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -32,18 +32,25 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from handler.preprocess import PreprocessSpec, normalize
 from model import FashionCNN
-from training.cli import REPO_ROOT, StageError, repo_path
+from training.cli import EXIT_USAGE, REPO_ROOT, StageError, repo_path
 from training.config import DataConfig, ModelConfig, TrainerConfig, register_configs
 from training.data import CLASSES, load_split, prepare
 from training.loading import make_loader
 
 CONFIG_DIR = str(REPO_ROOT / "configs")
+
+
+class SettingsError(StageError):
+    """Lightning refused a trainer.* setting (strategy, accelerator, devices, precision...)."""
+
+    exit_code = EXIT_USAGE
 
 
 class FashionDataModule(L.LightningDataModule):
@@ -158,6 +165,27 @@ def _point_latest(run_dir: Path) -> None:
     os.replace(tmp, latest)  # atomic: `latest` is never missing or half-made
 
 
+def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Callback]) -> L.Trainer:
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        max_epochs=cfg.trainer.max_epochs,
+        deterministic=cfg.trainer.deterministic,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        fast_dev_run=cfg.trainer.fast_dev_run,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        logger=_loggers(cfg, run_dir),
+        default_root_dir=str(run_dir),
+    )
+
+
 def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> dict:
     """Train with a composed config into run_dir; `callbacks` join the run's own. Returns a summary dict.
 
@@ -178,24 +206,12 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
     callbacks = [checkpoint, *callbacks]
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
-        max_epochs=cfg.trainer.max_epochs,
-        deterministic=cfg.trainer.deterministic,
-        limit_train_batches=cfg.trainer.limit_train_batches,
-        limit_val_batches=cfg.trainer.limit_val_batches,
-        fast_dev_run=cfg.trainer.fast_dev_run,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        enable_progress_bar=cfg.trainer.progress_bar,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        logger=_loggers(cfg, run_dir),
-        default_root_dir=str(run_dir),
-    )
+    try:
+        trainer = _trainer(cfg, run_dir, callbacks)
+    except (ValueError, MisconfigurationException) as exc:
+        raise SettingsError(
+            f"{exc} (set by the trainer.* overrides; configs/trainer/ holds the presets)"
+        ) from exc
     if trainer.is_global_zero:  # known from here on: the Trainer has read the launcher's environment
         run_dir.mkdir(parents=True, exist_ok=True)
         # Resolved (no ${...} left), so export and anyone reading the run see the exact values used.
@@ -232,15 +248,19 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(cfg, run_dir)
-    except StageError as exc:  # missing or damaged data: exit 2, with the fix
+    except StageError as exc:  # bad data or settings (exit 2), or a failed export_dir export (exit 1)
         print(f"python -m training.train: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     if rank_zero_only.rank != 0:  # the other processes of a distributed run stay quiet
         return
+    next_step = (
+        f"exported:   {repo_path(cfg.export_dir)}"
+        if cfg.export_dir
+        else f"next:       python -m training.export --run {run_dir}"
+    )
     print(
         f"\nbest val acc {summary['best_val_acc']:.4f} after {summary['train_seconds']:.0f}s\n"
-        f"run dir:    {run_dir}\ncheckpoint: {summary['checkpoint']}\n"
-        f"next:       python -m training.export --run {run_dir}"
+        f"run dir:    {run_dir}\ncheckpoint: {summary['checkpoint']}\n{next_step}"
     )
 
 
