@@ -32,7 +32,8 @@ from training.train import CONFIG_DIR, train
 REPO = Path(__file__).resolve().parent.parent
 PRECISIONS = ("32-true", "bf16-mixed")
 WARMUP_STEPS = 10
-BEGIN, END = "<!-- begin: scripts/bench_precision.py -->", "<!-- end: scripts/bench_precision.py -->"
+# The marked block convention of docs/training.md: scripts/bench_training.py keeps such blocks.
+BEGIN, END = "<!-- bench_precision:begin -->", "<!-- bench_precision:end -->"
 
 
 class StepTimer(L.Callback):

@@ -133,7 +133,8 @@ def write_doc(results: list[dict], prep_seconds: float, argv: list[str], doc: Pa
         for r in results
     )
     cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"
-    # Other benchmarks write marked blocks into this doc (scripts/bench_loading.py): keep them.
+    # Other benchmarks (scripts/bench_loading.py, bench_precision.py) and the hand-written
+    # distributed-training section are marked blocks in this doc: keep them.
     old = doc.read_text(encoding="utf-8") if doc.is_file() else ""
     blocks = re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", old, re.S)
     kept = "".join(f"\n{block.group(0)}\n" for block in blocks)
