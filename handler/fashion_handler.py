@@ -27,6 +27,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.meta import ModelMeta
+from handler.monitor import Monitor, MonitorSpec, enabled
 from handler.payload import parse_request
 from handler.postprocess import prediction_body, probabilities
 from handler.preprocess import InputError, preprocess
@@ -102,6 +103,12 @@ class FashionMNISTHandler(BaseHandler):
                 f"model output shape {tuple(out.shape)} does not match {len(self.classes)} classes; "
                 "re-export the model with `python -m training.export`"
             )
+        self.monitor = None
+        if enabled():
+            self.monitor = Monitor(
+                self.model_name, self.version, self.classes, MonitorSpec.from_meta(meta.to_json())
+            )
+            self.monitor.started(context.metrics)
         self.initialized = True
         logger.info(
             "loaded %s %s (%d classes, %d torch threads)",
@@ -128,6 +135,8 @@ class FashionMNISTHandler(BaseHandler):
                 inputs.append(preprocess(request.image, self.spec))
             except InputError as err:
                 answers[idx] = self._reject(context, idx, err)
+                if self.monitor:
+                    self.monitor.rejected(context.metrics, err.status, err.error)
                 continue
             except Exception:
                 answers[idx] = self._contain(context, idx)
@@ -135,8 +144,12 @@ class FashionMNISTHandler(BaseHandler):
             positions.append(idx)
             ks.append(request.top_k)
         if inputs:
+            batch = torch.stack(inputs)
             with torch.inference_mode():
-                probs = probabilities(self.model(torch.stack(inputs)))
+                probs = probabilities(self.model(batch))
+            if self.monitor:
+                ids = [context.get_request_id(idx) for idx in positions]
+                self.monitor.observe(context.metrics, batch, probs, ids, self.spec)
             for idx, k, row_probs in zip(positions, ks, probs, strict=True):
                 answers[idx] = prediction_body(row_probs, self.classes, k, self.model_name, self.version)
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")

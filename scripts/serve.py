@@ -43,6 +43,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_FILE = REPO / "config.properties"
 LOG_CONFIG_FILE = REPO / "configs" / "serving" / "log4j2.xml"
+METRICS_CONFIG_FILE = REPO / "configs" / "serving" / "metrics.yaml"
 MODEL_NAME = "fashion_mnist"
 HOST = "127.0.0.1"
 DEFAULT_PORTS = {
@@ -165,8 +166,9 @@ def log_tail(instance: Instance, lines: int = 15) -> str:
 
 def instance_config(ports: dict[str, int], base: str | None = None) -> str:
     """`base` (default: the repository's config.properties) plus this instance's loopback listeners
-    (later keys win)."""
+    and the metrics config (later keys win)."""
     overrides = [
+        f"metrics_config={METRICS_CONFIG_FILE}",
         f"inference_address=http://{HOST}:{ports['inference']}",
         f"management_address=http://{HOST}:{ports['management']}",
         f"metrics_address=http://{HOST}:{ports['metrics']}",

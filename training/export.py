@@ -34,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 
 from handler.meta import NAME_PATTERN, ModelMeta
+from handler.monitor import reference_histograms
 from handler.preprocess import PreprocessSpec, normalize
 from model import count_parameters
 from training.cli import EXIT_USAGE, EXPORT_DIR, REPO_ROOT, RUN_ROOT, StageError, repo_path, run_stage
@@ -68,8 +69,15 @@ def config_hash(cfg: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def reference_stats(images: torch.Tensor, bins: int = 32) -> dict:
-    """Training-input statistics the server can compare live traffic against (drift)."""
+def reference_stats(
+    images: torch.Tensor, labels: torch.Tensor, confidences: torch.Tensor, bins: int = 32
+) -> dict:
+    """Training-input statistics the server can compare live traffic against (drift).
+
+    `histograms` holds the bins the server's model metrics use (handler/monitor.py) with the
+    training set's counts per bin, and the top-1 confidence on held-out data; `class_counts` is
+    the training label mix. monitoring/rules.py turns both into the Prometheus drift rules.
+    """
     x = images.to(torch.float64) / 255.0
     brightness = x.mean(dim=(1, 2))
     counts = torch.histc(brightness, bins=bins, min=0.0, max=1.0)
@@ -83,6 +91,8 @@ def reference_stats(images: torch.Tensor, bins: int = 32) -> dict:
         },
         "brightness_mean": float(brightness.mean()),
         "brightness_std": float(brightness.std()),
+        "histograms": reference_histograms(x.reshape(len(images), -1), confidences),
+        "class_counts": [int(c) for c in torch.bincount(labels, minlength=len(CLASSES))],
     }
 
 
@@ -142,7 +152,7 @@ def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = 
     eager = module.net.to(memory_format=torch.contiguous_format).eval()
     spec: PreprocessSpec = module.spec
 
-    test, val = load_split(data_root, "test"), load_split(data_root, "val")
+    test, val, train = (load_split(data_root, split) for split in ("test", "val", "train"))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -164,7 +174,7 @@ def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = 
                 "num_params": count_parameters(eager),
             },
             metrics=accuracy,
-            reference_stats=reference_stats(load_split(data_root, "train").images),
+            reference_stats=reference_stats(train.images, train.labels, torch.softmax(val_logits, 1).amax(1)),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             git_commit=git_commit(),
             config_hash=config_hash(cfg),
