@@ -186,7 +186,13 @@ def sample_png(width: int = 40, height: int = 30) -> bytes:
 def check(model_dir: Path) -> dict[str, Any]:
     """Load the unpacked archive and answer a PNG (expect 200) and a non-image body (expect 400)."""
     service = load_service(model_dir)
-    for module in ("handler.meta", "handler.preprocess", "handler.payload", "handler.postprocess"):
+    for module in (
+        "handler.meta",
+        "handler.preprocess",
+        "handler.payload",
+        "handler.postprocess",
+        "handler.monitor",
+    ):
         origin = Path(sys.modules[module].__file__).resolve()
         if not origin.is_relative_to(model_dir.resolve()):
             raise SelfCheckError(f"{module} was imported from {origin}, not from the archive")

@@ -4,7 +4,7 @@
     python -m pytest tests/test_deploy.py                       # also runs the pod with Docker
 
 Offline: every kustomization renders the expected objects; the gates of checks/manifests.py
-(`kubernetes-validate --strict` for GKE's stable channel, the PodMonitoring schema) reject broken
+(`kubernetes-validate --strict` for GKE's stable channel, the PodMonitoring and Rules schemas) reject broken
 manifests (the pre-commit hook runs that script on the real ones, so `make test` does); the
 objects agree with each other; scripts/deploy_gke.sh and cloudbuild.yaml are exercised with
 stand-ins for gcloud, kubectl and docker (GCP is the one thing mocked). With Docker: the pod runs
@@ -29,7 +29,15 @@ import numpy as np
 import pytest
 import yaml
 
-from checks.manifests import GKE_STABLE, OVERLAYS, core_objects, podmonitoring_schema, render, validate
+from checks.manifests import (
+    GKE_STABLE,
+    OVERLAYS,
+    core_objects,
+    podmonitoring_schema,
+    render,
+    rules_schema,
+    validate,
+)
 from tests.containers import REPO, Pod, build_image, find, http, wait_for
 from tests.serving import png_bytes
 
@@ -69,7 +77,7 @@ def test_kustomization_renders_the_service(overlay: str) -> None:
     expected = ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy"]
     expected += ["PodDisruptionBudget", "Service"]
     if overlay == "overlays/gke":
-        expected += ["Namespace", "NetworkPolicy", "PodMonitoring"]
+        expected += ["Namespace", "NetworkPolicy", "PodMonitoring", "Rules"]
     assert kinds == sorted(expected)
 
 
@@ -94,6 +102,27 @@ def test_podmonitoring_schema_rejects_mistakes(gke: list[dict[str, Any]], mutati
     mutation(monitoring)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(monitoring, podmonitoring_schema())
+
+
+def test_rules_match_the_documented_crd(gke: list[dict[str, Any]]) -> None:
+    jsonschema.validate(find(gke, "Rules"), rules_schema())
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        lambda r: r["spec"]["groups"][0].update(intervall="30s"),
+        lambda r: r["spec"]["groups"][0].update(interval="30 seconds"),
+        lambda r: r["spec"]["groups"][0]["rules"][0].update(alert="Both"),
+        lambda r: r["spec"]["groups"][0]["rules"][-1].pop("expr"),
+    ],
+    ids=["unknown-field", "bad-duration", "record-and-alert", "no-expr"],
+)
+def test_rules_schema_rejects_mistakes(gke: list[dict[str, Any]], mutation) -> None:
+    resource = copy.deepcopy(find(gke, "Rules"))
+    mutation(resource)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(resource, rules_schema())
 
 
 # --- the objects agree with each other ------------------------------------------------------------
