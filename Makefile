@@ -7,7 +7,8 @@ EXPORT ?= artifacts/model
 TRAIN_ARGS ?=
 
 .PHONY: help setup setup-dev all data train export evaluate archive serve stop lint test test-fast \
-	image image-train bench-training bench-loading bench-precision bench-serving bench-container soak clean
+	image image-train bench-training bench-loading bench-precision bench-serving bench-container bench-monitoring soak \
+	clean rules monitor
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +40,12 @@ archive:  ## model_store/fashion_mnist.mar from $(EXPORT), self-checked before i
 serve:  ## start TorchServe (127.0.0.1) and register the archive through the management API
 	$(PY) -m scripts.serve start --model-store model_store
 	$(PY) -m scripts.serve register
+
+rules:  ## regenerate the Prometheus rules (local + GKE overlay) from $(EXPORT)/model_meta.json
+	$(PY) -m monitoring.rules --meta $(EXPORT)/model_meta.json --gke deploy/overlays/gke/rules.yaml
+
+monitor:  ## Prometheus :9090 + Alertmanager :9093 against the running local server (Ctrl-C stops)
+	$(PY) -m monitoring.stack
 
 stop:  ## stop TorchServe and wait until the JVM has exited
 	$(PY) -m scripts.serve stop
@@ -77,8 +84,12 @@ bench-serving:  ## cold start, latency and throughput of the archive; writes doc
 bench-container:  ## image size and container cold start; writes docs/deploy.md
 	$(PY) scripts/bench_container.py
 
+bench-monitoring:  ## throughput with model monitoring on vs off, and the drift calibration; docs/monitoring.md
+	$(PY) -m scripts.bench_monitoring
+	$(PY) -m monitoring.calibrate --model-dir $(EXPORT)
+
 soak:  ## drive the server at ~80% of capacity for 5 minutes; writes docs/reliability.md
 	$(PY) -m scripts.soak
 
 clean:  ## remove generated outputs (keeps .venv and data/)
-	rm -rf outputs artifacts model_store reports logs .serve build .pytest_cache .coverage coverage.xml
+	rm -rf outputs artifacts model_store reports logs .serve .monitor build .pytest_cache .coverage coverage.xml

@@ -182,12 +182,13 @@ def measure(args: argparse.Namespace, images: list[bytes], results: dict[str, An
             serve.stop(instance)
 
 
-def write_doc(doc: Path, block: str) -> None:
+def write_doc(doc: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between the `begin` and `end` markers of `doc` (markers included)."""
     text = doc.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc} lacks the {BEGIN} ... {END} markers; add them where the figures go")
-    head, rest = text.split(BEGIN, 1)
-    doc.write_text(head + block + rest.split(END, 1)[1], encoding="utf-8")
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc} lacks the {begin} ... {end} markers; add them where the figures go")
+    head, rest = text.split(begin, 1)
+    doc.write_text(head + block + rest.split(end, 1)[1], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,10 @@ $PY -m training.data --samples data/samples --count 10
 step 2/8 "train: Lightning + Hydra, run dir under outputs/train/"
 $PY -m training.train "$@"
 
-step 3/8 "export: TorchScript + model_meta.json -> artifacts/model/"
+step 3/8 "export: TorchScript + model_meta.json -> artifacts/model/, and its Prometheus rules"
 $PY -m training.export --run outputs/train/latest --out artifacts/model
+# The drift rules hold this model's training reference (docs/monitoring.md).
+$PY -m monitoring.rules --meta artifacts/model/model_meta.json --gke deploy/overlays/gke/rules.yaml
 
 step 4/8 "evaluate: the exported model on the 10,000 test images -> reports/"
 $PY -m training.evaluate --model-dir artifacts/model --out reports
@@ -46,5 +48,9 @@ TorchServe is still running. Next:
   curl -H "Authorization: Bearer $KEY" -T data/samples/test00000_Ankle-boot.png \
        http://127.0.0.1:8080/predictions/fashion_mnist
   .venv/bin/python -m scripts.serve stop                          # waits until the JVM has exited
+Metrics (Prometheus text, no token): http://127.0.0.1:8082/metrics  (model metrics: fashion_*)
+  make monitor                    # Prometheus :9090 + Alertmanager :9093 with the drift rules
+  tail .serve/default/logs/predictions.log                        # one JSON line per prediction
+  Grafana: import monitoring/grafana/fashion-mnist.json; docs/monitoring.md explains it all
 Docs: docs/serving.md (endpoints, batching, figures), reports/ (evaluation), docs/training.md.
 MSG

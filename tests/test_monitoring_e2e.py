@@ -2,13 +2,15 @@
 evaluating the rules generated from that archive's export, Alertmanager delivering to a webhook
 receiver in this test. Short windows (seconds instead of minutes) keep it to about a minute.
 
-The tests run in file order against one stack: clean traffic raises no model alert; shifted
+The tests run in file order against one stack: clean traffic raises no model alert (and fills
+the prediction log); shifted
 traffic (inverted, darkened and noisy test images) fires InputDrift; killing the worker fires
 WorkerRestarts; stopping the server fires TargetDown. Each alert must reach the receiver.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ import psutil
 import pytest
 import requests
 
+from handler.monitor import PREDICTION_PREFIX
 from monitoring import rules
 from monitoring.stack import Stack
 from scripts import serve
@@ -33,6 +36,7 @@ WINDOWS = rules.Windows(drift="40s", rate="10s", hold="2s", target_down="2s", gr
 MIN_REQUESTS = 150
 IMAGES = 300
 MODEL_ALERTS = {"InputDrift", "PredictionMixShift", "LowConfidence"}
+DASHBOARD = Path(__file__).resolve().parent.parent / "monitoring" / "grafana" / "fashion-mnist.json"
 
 
 class Receiver(ThreadingHTTPServer):
@@ -168,6 +172,19 @@ def test_clean_traffic_raises_no_model_alert(
     assert not receiver.firing() & MODEL_ALERTS
 
 
+def test_prediction_log_has_one_json_line_per_answer(server: serve.Instance) -> None:
+    """log4j2 routes the handler's prediction lines to predictions.log, and only there."""
+    log = server.log_dir / "predictions.log"
+    lines = wait_for(
+        lambda: len(t := log.read_text().splitlines()) >= IMAGES and t, timeout=30, interval=0.25
+    )
+    assert lines, f"{log} has fewer than {IMAGES} lines"
+    entries = [json.loads(line) for line in lines]
+    assert {e["event"] for e in entries} == {"prediction"}
+    assert len({e["request_id"] for e in entries}) == len(entries)
+    assert PREDICTION_PREFIX not in server.log_file.read_text()
+
+
 def test_shifted_traffic_fires_input_drift(
     server: serve.Instance, stack: Stack, receiver: Receiver, test_images
 ) -> None:
@@ -178,6 +195,30 @@ def test_shifted_traffic_fires_input_drift(
     drifted = {a["labels"]["feature"] for n in receiver.notifications for a in n["alerts"]
                if a["labels"]["alertname"] == "InputDrift"}  # fmt: skip
     assert drifted, "InputDrift notifications carry no feature label"
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_every_dashboard_query_returns_data(server: serve.Instance, stack: Stack) -> None:
+    """Each PromQL expression of the Grafana dashboard parses and returns series (Grafana's own
+    interval variables replaced by what Grafana would put there for this 1 s scrape)."""
+    client = serve.Client.for_instance(server)
+    assert client.predict(b"not an image").status_code == 400  # so the rejected-inputs panel has data
+    client.close()
+    queries = dashboard_queries()
+    assert len(queries) >= 15
+    grafana = {"$__rate_interval": "10s", "$__range": "5m"}
+    missing: list[str] = []
+
+    def all_return_data() -> bool:
+        exprs = [functools.reduce(lambda e, kv: e.replace(*kv), grafana.items(), expr) for expr in queries]
+        missing[:] = [expr for expr in exprs if not query(stack, expr)]  # query() fails on a parse error
+        return not missing
+
+    assert wait_for(all_return_data, timeout=30, interval=1), f"dashboard queries without data: {missing}"
 
 
 def test_killed_worker_fires_worker_restarts(

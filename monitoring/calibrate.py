@@ -1,0 +1,148 @@
+"""Measure what the drift rules would see, to choose and check their thresholds.
+
+    python -m monitoring.calibrate                         # artifacts/model, data/ -> docs/monitoring.md
+    python -m monitoring.calibrate --model-dir M --data D --windows 40
+
+Splits the test set into windows of the alerts' minimum size (monitoring.rules.Thresholds) and
+computes, exactly as the rules do (same bins, same epsilon), per window: the worst input-feature
+PSI against the export's reference, the class-mix distance from the training prior and the
+low-confidence share. Clean windows show the noise floor the thresholds must clear; shifted
+windows (inverted, darkened, brightened, noisy, rotated) show what each shift does to them. The
+table and the exact command replace the block between the calibrate markers in docs/monitoring.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from handler import monitor
+from handler.fashion_handler import load_model
+from handler.preprocess import PreprocessSpec, normalize
+from monitoring.rules import EPSILON, RulesError, Thresholds, reference
+from scripts.bench_serving import write_doc
+from training.data import DataError, load_split
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "monitoring.md"
+BEGIN, END = "<!-- calibrate:begin -->", "<!-- calibrate:end -->"
+
+
+def _rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.stack(
+        [np.asarray(Image.fromarray(i.astype(np.uint8)).rotate(30, Image.Resampling.BILINEAR)) for i in x]
+    )
+
+
+SHIFTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "clean": lambda x, rng: x,
+    "inverted": lambda x, rng: 255 - x,
+    "darkened (x0.5)": lambda x, rng: x * 0.5,
+    "brightened (x0.6 + 100)": lambda x, rng: x * 0.6 + 100,
+    "noisy (sigma 60)": lambda x, rng: x + rng.normal(0, 60, x.shape),
+    "rotated 30 degrees": _rotate,
+}
+
+
+def window_scores(
+    images: np.ndarray, model: torch.nn.Module, spec: PreprocessSpec, mspec: monitor.MonitorSpec, ref: dict
+) -> dict[str, float]:
+    x = normalize(torch.from_numpy(images), spec)
+    stats = monitor.input_stats(monitor.to_pixels(x, spec))
+    psi = []
+    for name in monitor.FEATURES:
+        live = torch.bincount(mspec.bins(name, stats[name]), minlength=len(ref["features"][name])).tolist()
+        shares = [max(c / len(images), EPSILON) for c in live]
+        psi.append(
+            sum(
+                (a - max(e, EPSILON)) * math.log(a / max(e, EPSILON))
+                for a, e in zip(shares, ref["features"][name], strict=True)
+            )
+        )
+    with torch.inference_mode():
+        probs = torch.softmax(model(x), dim=1)
+    confidence, top1 = probs.max(dim=1)
+    mix = torch.bincount(top1, minlength=len(ref["classes"])).double() / len(images)
+    prior = torch.tensor(list(ref["classes"].values()), dtype=torch.float64)
+    low = float((confidence < Thresholds.low_confidence_below).double().mean())
+    return {"psi": max(psi), "mix": 0.5 * float((mix - prior).abs().sum()), "low": low}
+
+
+def measure(model_dir: Path, data: Path, windows: int, size: int) -> dict[str, list[dict[str, float]]]:
+    meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
+    ref, spec, mspec = reference(meta), PreprocessSpec.from_meta(meta), monitor.MonitorSpec.from_meta(meta)
+    model = load_model(model_dir / "model.pt")
+    test = load_split(data, "test").images.numpy().astype(np.float64)
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, shift in SHIFTS.items():
+        scores = []
+        for w in range(min(windows, len(test) // size)):
+            images = np.clip(shift(test[w * size : (w + 1) * size], rng), 0, 255).astype(np.uint8)
+            scores.append(window_scores(images, model, spec, mspec, ref))
+        out[name] = scores
+    return out
+
+
+def render(results: dict[str, list[dict[str, float]]], command: str, size: int) -> str:
+    limits = Thresholds()
+
+    def cell(name: str, key: str) -> str:
+        values = sorted(s[key] for s in results[name])
+        return f"{values[len(values) // 2]:.3f} ({values[0]:.3f}-{values[-1]:.3f})"
+
+    rows = "\n".join(
+        f"| {name} | {cell(name, 'psi')} | {cell(name, 'mix')} | {cell(name, 'low')} |" for name in results
+    )
+    return f"""{BEGIN}
+Measured on {time.strftime("%Y-%m-%d")} with `{command}`: {len(results["clean"])} windows of {size} test
+images each (the alerts' minimum), median (min-max) per window. Thresholds: PSI {limits.psi},
+class-mix distance {limits.class_mix}, low-confidence share max({limits.low_confidence_factor} x reference,
+reference + {limits.low_confidence_margin}).
+
+| traffic | worst feature PSI | class-mix distance | low-confidence share |
+|---|---|---|---|
+{rows}
+{END}"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m monitoring.calibrate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model-dir", type=Path, default=REPO / "artifacts" / "model")
+    parser.add_argument(
+        "--data", type=Path, default=REPO / "data", help="processed data (training.data --out)"
+    )
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--doc", type=Path, default=DOC)
+    args = parser.parse_args(argv)
+    size = Thresholds.min_requests
+    try:
+        results = measure(args.model_dir, args.data, args.windows, size)
+    except (DataError, RulesError, FileNotFoundError, KeyError) as err:
+        print(
+            f"error: {err}; export a model (`python -m training.export`) and prepare the data first",
+            file=sys.stderr,
+        )
+        return 2
+    command = shlex.join(
+        ["python", "-m", "monitoring.calibrate", *(argv if argv is not None else sys.argv[1:])]
+    )
+    write_doc(args.doc, render(results, command, size), BEGIN, END)
+    print(render(results, command, size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
