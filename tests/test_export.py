@@ -36,6 +36,19 @@ def test_meta_is_a_complete_model_meta(export_dir: Path) -> None:
     assert sum(stats["brightness_hist"]["counts"]) == stats["num_images"] == 55000
 
 
+def test_meta_has_the_reference_the_server_bins_against(export_dir: Path) -> None:
+    """handler/monitor.py bins live traffic with these edges; monitoring.rules compares with the counts."""
+    stats = json.loads((export_dir / "model_meta.json").read_text())["reference_stats"]
+    hists = stats["histograms"]
+    assert set(hists) == {"brightness", "contrast", "white_share", "confidence"}
+    for name in ("brightness", "contrast", "white_share"):
+        edges, counts = hists[name]["edges"], hists[name]["counts"]
+        assert edges[0] == 0.0 and edges[-1] == 1.0 and edges == sorted(set(edges)), name
+        assert len(counts) == len(edges) - 1 and sum(counts) == 55000, name
+    assert sum(hists["confidence"]["counts"]) == 5000, "confidence is measured on the validation split"
+    assert sum(stats["class_counts"]) == 55000 and len(stats["class_counts"]) == len(CLASSES)
+
+
 def test_index_to_name_matches_classes(export_dir: Path) -> None:
     mapping = json.loads((export_dir / "index_to_name.json").read_text())
     assert [mapping[str(i)] for i in range(len(CLASSES))] == CLASSES

@@ -198,3 +198,12 @@ def test_shifted_windows_cross_the_psi_threshold_and_clean_ones_do_not(
             assert worst < Thresholds.psi, f"clean window at {start}: PSI {worst:.3f}"
         else:
             assert worst > Thresholds.psi, f"{shift} window at {start}: PSI {worst:.3f}"
+
+
+def test_make_monitor_names_the_fix_when_no_server_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from monitoring import stack
+
+    assert stack.main(["--state-dir", str(tmp_path), "--work", str(tmp_path / "monitor")]) == 1
+    assert "python -m scripts.serve start" in capsys.readouterr().err
