@@ -136,7 +136,7 @@ class FashionMNISTHandler(BaseHandler):
             except InputError as err:
                 answers[idx] = self._reject(context, idx, err)
                 if self.monitor:
-                    self.monitor.rejected(context.metrics, err.status, err.error)
+                    self.monitor.rejected(err.status, err.error)
                 continue
             except Exception:
                 answers[idx] = self._contain(context, idx)
@@ -149,7 +149,7 @@ class FashionMNISTHandler(BaseHandler):
                 probs = probabilities(self.model(batch))
             if self.monitor:
                 ids = [context.get_request_id(idx) for idx in positions]
-                self.monitor.observe(context.metrics, batch, probs, ids, self.spec)
+                self.monitor.observe(batch, probs, ids, self.spec)
             for idx, k, row_probs in zip(positions, ks, probs, strict=True):
                 answers[idx] = prediction_body(row_probs, self.classes, k, self.model_name, self.version)
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")

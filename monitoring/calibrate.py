@@ -58,10 +58,10 @@ def window_scores(
     images: np.ndarray, model: torch.nn.Module, spec: PreprocessSpec, mspec: monitor.MonitorSpec, ref: dict
 ) -> dict[str, float]:
     x = normalize(torch.from_numpy(images), spec)
-    stats = monitor.input_stats(monitor.to_pixels(x, spec))
+    stats = monitor.input_stats(x, spec)
     psi = []
     for name in monitor.FEATURES:
-        live = torch.bincount(mspec.bins(name, stats[name]), minlength=len(ref["features"][name])).tolist()
+        live = monitor.histogram(stats[name], mspec.edges[name])["counts"]
         shares = [max(c / len(images), EPSILON) for c in live]
         psi.append(
             sum(

@@ -61,7 +61,7 @@ def test_input_stats_of_known_images() -> None:
     half = black.clone()
     half[:14] = 255
     dim = torch.full((28, 28), 51, dtype=torch.uint8)  # 0.2
-    stats = monitor.input_stats(monitor.to_pixels(normalize(torch.stack([black, half, dim]), spec), spec))
+    stats = monitor.input_stats(normalize(torch.stack([black, half, dim]), spec), spec)
     expected = {"brightness": [0.0, 0.5, 0.2], "contrast": [0.0, 0.5, 0.0], "white_share": [0.0, 0.5, 0.0]}
     for name, values in expected.items():
         assert stats[name].tolist() == pytest.approx(values, abs=1e-5), name
@@ -70,7 +70,7 @@ def test_input_stats_of_known_images() -> None:
 def test_bins_cover_every_value_and_match_the_histogram() -> None:
     edges = [0.0, 0.2, 0.5, 1.0]
     values = torch.tensor([-0.1, 0.0, 0.19, 0.2, 0.7, 1.0, 1.5])
-    assert monitor.bin_index(values, edges).tolist() == [0, 0, 0, 1, 2, 2, 2]
+    assert monitor.bin_index(values.tolist(), edges) == [0, 0, 0, 1, 2, 2, 2]
     assert monitor.histogram(values, edges) == {"edges": edges, "counts": [3, 1, 3]}
 
 
@@ -100,34 +100,58 @@ def test_observe_counts_each_request_once_per_metric(caplog: pytest.LogCaptureFi
     pixels = torch.tensor(np.random.default_rng(0).integers(0, 256, (5, 28, 28)), dtype=torch.uint8)
     probs = torch.softmax(torch.randn(5, 10, generator=torch.Generator().manual_seed(0)), dim=1)
     with caplog.at_level(logging.INFO):
-        mon.observe(cache, normalize(pixels, spec), probs, [f"r{i}" for i in range(5)], spec)
+        mon.observe(normalize(pixels[:3], spec), probs[:3], ["r0", "r1", "r2"], spec)
+        mon.observe(normalize(pixels[3:], spec), probs[3:], ["r3", "r4"], spec)
+        mon.rejected(413, "image_too_large")
+        assert not emitted(caplog), "counts wait for the flush"
+        mon.flush(cache)
     lines = emitted(caplog)
     for name, dims, _ in lines:
         assert tuple(dims)[: len(monitor.METRIC_DIMS[name])] == monitor.METRIC_DIMS[name], (name, dims)
         assert (dims["ModelName"], dims["ModelVersion"]) == ("fashion_mnist", "2.0")
+    # One update per label set, carrying the count of both batches.
+    assert len({(n, tuple(d.items())) for n, d, _ in lines}) == len(lines)
     total = lambda name, **match: sum(  # noqa: E731
         v for n, d, v in lines if n == name and all(d[k] == x for k, x in match.items())
     )
     assert total(monitor.PREDICTIONS) == total(monitor.CONFIDENCE) == 5
     assert [total(monitor.INPUT, feature=f) for f in monitor.FEATURES] == [5, 5, 5]
+    assert total(monitor.REJECTED, code="413", error="image_too_large") == 1
     top1 = probs.argmax(1).tolist()
     assert total(monitor.PREDICTIONS, **{"class": CLASSES[top1[0]]}) == top1.count(top1[0])
-    log = [json.loads(r.getMessage()) for r in caplog.records if r.name == monitor.PREDICTION_LOGGER]
+    log = [
+        json.loads(line)
+        for r in caplog.records
+        if r.name == monitor.PREDICTION_LOGGER
+        for line in r.getMessage().splitlines()
+    ]
     assert [entry["request_id"] for entry in log] == [f"r{i}" for i in range(5)]
     assert set(log[0]) == {
         "event", "time", "request_id", "model", "version", "label", "index", "confidence", *monitor.FEATURES,
     }  # fmt: skip
-    assert caplog.records[-1].getMessage().startswith(monitor.PREDICTION_PREFIX)
+    assert all(line.startswith(monitor.PREDICTION_PREFIX) for r in caplog.records
+               if r.name == monitor.PREDICTION_LOGGER for line in r.getMessage().splitlines())  # fmt: skip
 
 
-def load(model_dir: Path) -> Service:
+def test_started_creates_every_series_at_zero(caplog: pytest.LogCaptureFixture) -> None:
+    mon = monitor.Monitor("fashion_mnist", "1.0", CLASSES, monitor.MonitorSpec())
+    with caplog.at_level(logging.INFO):
+        mon.started(metrics_cache())
+    lines = emitted(caplog)
+    assert sum(v for n, _, v in lines if n == monitor.WORKER_STARTS) == 1
+    assert {d["class"] for n, d, _ in lines if n == monitor.PREDICTIONS} == set(CLASSES)
+    bins = {(d["feature"], d["bin"]) for n, d, v in lines if n == monitor.INPUT and v == 0}
+    assert len(bins) == len(monitor.FEATURES) * monitor.FEATURE_BINS
+
+
+def load(model_dir: Path) -> tuple[Service, FashionMNISTHandler]:
     handler = FashionMNISTHandler()
     manifest = {"model": {"modelName": "fashion_mnist", "serializedFile": "model.pt", "handler": "h.py"}}
     service = Service(
         "fashion_mnist", str(model_dir), manifest, handler.handle, None, 8, True, metrics_cache()
     )
     handler.initialize(service.context)
-    return service
+    return service, handler
 
 
 @pytest.mark.parametrize("setting", ["on", "off"])
@@ -139,10 +163,13 @@ def test_answers_are_the_same_with_monitoring_on_and_off(
     batch = [WorkerRequest.raw(png_bytes(i), "image/png") for i in images] + [WorkerRequest.raw(b"junk")]
     saved = torch.get_num_threads()
     monkeypatch.setenv(monitor.MONITORING_ENV, "off")
-    baseline = [a.body for a in predict(load(export), batch)]
+    baseline = [a.body for a in predict(load(export)[0], batch)]
     monkeypatch.setenv(monitor.MONITORING_ENV, setting)
     with caplog.at_level(logging.INFO):
-        answers = [a.body for a in predict(load(export), batch)]
+        service, handler = load(export)
+        answers = [a.body for a in predict(service, batch)]
+        if handler.monitor:
+            handler.monitor.flush(service.context.metrics)
     torch.set_num_threads(saved)
     assert answers == baseline
     names = {name for name, _, _ in emitted(caplog)}
@@ -155,15 +182,16 @@ def test_answers_are_the_same_with_monitoring_on_and_off(
 @pytest.fixture(scope="module")
 def reference_shares(real_data_root: Path) -> dict[str, tuple[list[float], list[float]]]:
     """Edges and shares of the training reference, as export computes them."""
-    train = load_split(real_data_root, "train").images
-    hists = monitor.reference_histograms(train.reshape(len(train), -1).float() / 255, torch.ones(1))
+    spec = PreprocessSpec()
+    hists = monitor.reference_histograms(normalize(load_split(real_data_root, "train").images[:20_000], spec),
+                                         torch.ones(1), spec)  # fmt: skip
     return {name: (hists[name]["edges"], [c / sum(hists[name]["counts"]) for c in hists[name]["counts"]])
             for name in monitor.FEATURES}  # fmt: skip
 
 
 def window_psi(images: np.ndarray, reference: dict[str, tuple[list[float], list[float]]]) -> dict[str, float]:
     spec = PreprocessSpec()
-    stats = monitor.input_stats(monitor.to_pixels(normalize(torch.from_numpy(images), spec), spec))
+    stats = monitor.input_stats(normalize(torch.from_numpy(images), spec), spec)
     out = {}
     for name, (edges, ref) in reference.items():
         live = monitor.histogram(stats[name], edges)["counts"]

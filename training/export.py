@@ -70,7 +70,11 @@ def config_hash(cfg: dict) -> str:
 
 
 def reference_stats(
-    images: torch.Tensor, labels: torch.Tensor, confidences: torch.Tensor, bins: int = 32
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    confidences: torch.Tensor,
+    spec: PreprocessSpec,
+    bins: int = 32,
 ) -> dict:
     """Training-input statistics the server can compare live traffic against (drift).
 
@@ -91,7 +95,7 @@ def reference_stats(
         },
         "brightness_mean": float(brightness.mean()),
         "brightness_std": float(brightness.std()),
-        "histograms": reference_histograms(x.reshape(len(images), -1), confidences),
+        "histograms": reference_histograms(normalize(images, spec), confidences, spec),
         "class_counts": [int(c) for c in torch.bincount(labels, minlength=len(CLASSES))],
     }
 
@@ -174,7 +178,9 @@ def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = 
                 "num_params": count_parameters(eager),
             },
             metrics=accuracy,
-            reference_stats=reference_stats(train.images, train.labels, torch.softmax(val_logits, 1).amax(1)),
+            reference_stats=reference_stats(
+                train.images, train.labels, torch.softmax(val_logits, 1).amax(1), spec
+            ),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             git_commit=git_commit(),
             config_hash=config_hash(cfg),
