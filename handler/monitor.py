@@ -78,7 +78,8 @@ def input_stats(inputs: torch.Tensor, spec: PreprocessSpec) -> dict[str, np.ndar
     flat = inputs.detach().numpy().reshape(len(inputs), -1)
     white = (NEAR_WHITE - spec.mean) / spec.std
     return {
-        "brightness": flat.mean(axis=1) * spec.std + spec.mean,
+        # Clipped: mapping back leaves float error around 0 (a black image would read -0.000000).
+        "brightness": np.clip(flat.mean(axis=1) * spec.std + spec.mean, 0.0, 1.0),
         "contrast": flat.std(axis=1) * spec.std,
         "white_share": np.count_nonzero(flat >= white, axis=1) / flat.shape[1],
     }

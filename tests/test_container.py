@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.containers import REPO, Container, build_image, docker, hardened_flags, http
+from handler.monitor import PREDICTION_PREFIX
+from tests.containers import REPO, Container, build_image, docker, hardened_flags, http, wait_for
 from tests.serving import offline_probabilities, png_bytes
 from training.data import DEBIAN_DIR, load_split
 
@@ -157,6 +158,13 @@ def test_prediction_without_the_key_is_refused(hardened: Container, key: str | N
 def test_logs_go_to_stdout_not_files(hardened: Container) -> None:
     predict(hardened, BLANK_PNG, inference_key(hardened))
     assert '"POST /predictions/fashion_mnist HTTP/1.1" 200' in hardened.logs()
+
+    # The prediction log: bare JSON lines on stdout, which Cloud Logging stores as jsonPayload.
+    def predictions() -> list[str]:  # the worker's stdout reaches the log a moment after the answer
+        return [line for line in hardened.logs().splitlines() if line.startswith(PREDICTION_PREFIX)]
+
+    lines = wait_for(lambda: predictions() or None, 30, "a prediction-log line on stdout")
+    assert lines and json.loads(lines[-1])["model"] == "fashion_mnist", hardened.logs()[-2000:]
     written = hardened.exec("find", "/tmp", "/home/model-server", "-name", "*.log").stdout
     assert written == "", f"log files inside the container: {written}"
 
