@@ -1,0 +1,75 @@
+"""The online drift detector's arithmetic in Python: what the generated InputDrift rule computes.
+
+A library module (no command line), used by `python -m monitoring.robustness` and
+`python -m monitoring.drift_report`:
+
+    >>> ref = monitoring.rules.reference(meta)                 # reference shares per feature bin
+    >>> stats = input_stats(batch, spec)                        # handler.monitor, on model input
+    >>> bins = feature_bins(stats, MonitorSpec.from_meta(meta))  # (N,) bin per image and feature
+    >>> feature_psi(bins, ref)                                  # {"brightness": 0.01, ...}
+    >>> requests_to_alert(bins, ref, Thresholds())              # first request count that alerts
+
+The bins are the handler's (handler.monitor), the reference shares and the epsilon floor are the
+rules' (monitoring.rules), and `psi` is the formula of the `fashion:input_psi:window` recording
+rule, so offline figures and live alerts use one definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from handler.monitor import FEATURES, MonitorSpec
+from monitoring.rules import EPSILON, Thresholds
+
+
+def psi(counts: torch.Tensor, reference_shares: Sequence[float]) -> torch.Tensor:
+    """Population stability index of live bin `counts` (..., B) against the reference shares (B,).
+
+    Both sides are floored at EPSILON, as the rules floor them (an empty bin would give ln 0).
+    Leading dimensions are kept: (n, B) cumulative counts give one PSI per request count.
+    """
+    counts = counts.to(torch.float64)
+    total = counts.sum(dim=-1, keepdim=True)
+    live = (counts / total.clamp_min(1.0)).clamp_min(EPSILON)
+    ref = torch.tensor(reference_shares, dtype=torch.float64).clamp_min(EPSILON)
+    return ((live - ref) * torch.log(live / ref)).sum(dim=-1)
+
+
+def feature_bins(stats: Mapping[str, Sequence[float]], spec: MonitorSpec) -> dict[str, torch.Tensor]:
+    """Per-image input statistics (handler.monitor.input_stats) -> the bin the server counts each in."""
+    return {name: torch.tensor(spec.bins(name, list(stats[name])), dtype=torch.long) for name in FEATURES}
+
+
+def feature_psi(bins: Mapping[str, torch.Tensor], ref: Mapping[str, Any]) -> dict[str, float]:
+    """PSI per input feature of a window of images (their `feature_bins`) against the reference."""
+    shares = ref["features"]
+    return {
+        name: float(psi(torch.bincount(bins[name], minlength=len(shares[name])), shares[name]))
+        for name in FEATURES
+    }
+
+
+def requests_to_alert(
+    bins: Mapping[str, torch.Tensor], ref: Mapping[str, Any], limits: Thresholds
+) -> int | None:
+    """How many of these requests, in this order, the window must hold before InputDrift's condition holds.
+
+    The condition is the rule's: some feature's PSI above `limits.psi` while the window holds at
+    least `limits.min_requests` requests. None when it never holds within the given requests. The
+    alert then still waits its `for` duration (a time, not a count) before it fires.
+    """
+    worst = None
+    for name in FEATURES:
+        size = len(ref["features"][name])
+        cumulative = torch.nn.functional.one_hot(bins[name], size).cumsum(dim=0)
+        scores = psi(cumulative, ref["features"][name])
+        worst = scores if worst is None else torch.maximum(worst, scores)
+    if worst is None:
+        return None
+    counts = torch.arange(1, len(worst) + 1)
+    holds = (worst > limits.psi) & (counts >= limits.min_requests)
+    hits = holds.nonzero()
+    return int(counts[hits[0, 0]]) if len(hits) else None
