@@ -55,11 +55,13 @@ def feature_psi(bins: Mapping[str, torch.Tensor], ref: Mapping[str, Any]) -> dic
 def requests_to_alert(
     bins: Mapping[str, torch.Tensor], ref: Mapping[str, Any], limits: Thresholds
 ) -> int | None:
-    """How many of these requests, in this order, the window must hold before InputDrift's condition holds.
+    """How many of these requests, in this order, the window needs for InputDrift's condition to last.
 
     The condition is the rule's: some feature's PSI above `limits.psi` while the window holds at
-    least `limits.min_requests` requests. None when it never holds within the given requests. The
-    alert then still waits its `for` duration (a time, not a count) before it fires.
+    least `limits.min_requests` requests. The answer is the smallest count from which on it holds
+    for every larger window of the stream, so a noisy early crossing that the whole stream does
+    not confirm counts for nothing (the alert's `for` duration asks for a condition that lasts).
+    None when it does not hold over all the given requests.
     """
     worst = None
     for name in FEATURES:
@@ -71,5 +73,7 @@ def requests_to_alert(
         return None
     counts = torch.arange(1, len(worst) + 1)
     holds = (worst > limits.psi) & (counts >= limits.min_requests)
-    hits = holds.nonzero()
-    return int(counts[hits[0, 0]]) if len(hits) else None
+    if not holds[-1]:
+        return None
+    fails = (~holds).nonzero()
+    return int(counts[fails[-1, 0] + 1]) if len(fails) else 1

@@ -7,11 +7,11 @@
 For every shift in monitoring.shifts and each of its severities (severity 0 is the clean test
 set) it records the accuracy, the mean top-1 confidence and low-confidence share, the PSI of each
 input feature that the online detector would compute over that traffic (monitoring.detector: the
-InputDrift rule's bins and formula) and how many such requests the detector's window needs before
-the InputDrift condition holds. Writes OUT/robustness.json and OUT/robustness.png; unless --no-doc
-it also copies the plot to docs/figures/ and replaces the table between the robustness markers in
-docs/monitoring.md with the figures and the exact command. Exit status: 0, or 2 with a message
-naming the missing export or data and the command that creates it.
+InputDrift rule's bins and formula) and how many such requests the detector's window needs for
+the InputDrift condition to hold from then on. Writes OUT/robustness.json and OUT/robustness.png;
+unless --no-doc it also copies the plot to docs/figures/ and replaces the table between the
+robustness markers in docs/monitoring.md with the figures and the exact command. Exit status:
+0, or 2 with a message naming the missing export or data and the command that creates it.
 """
 
 from __future__ import annotations
@@ -172,9 +172,9 @@ def render(results: dict[str, Any], command: str, figure: Path, doc: Path) -> st
     return f"""{MARKERS[0]}
 Measured on {time.strftime("%Y-%m-%d")} with `{command}` on {results["images"]} test images of model
 {results["model"]["name"]} {results["model"]["version"]}. "Requests to alert" is the number of such
-requests, in a shuffled order, the rule's window must hold before some feature's PSI exceeds
-{limits["psi"]} with at least {limits["min_requests"]} requests in the window; "not caught" means
-never within these {results["images"]} requests.
+requests, in a shuffled order, the rule's window must hold for some feature's PSI to exceed
+{limits["psi"]} from then on, with at least {limits["min_requests"]} requests in the window; "not
+caught" means not over all {results["images"]} requests.
 
 ![Accuracy and PSI under each shift]({link})
 

@@ -4,6 +4,7 @@ drift monitor's view of an unshifted and an inverted test set. Also the shifts t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,8 @@ from PIL import Image
 
 from handler.monitor import FEATURES
 from handler.preprocess import PreprocessSpec
-from monitoring import robustness
-from monitoring.rules import Thresholds
+from monitoring import detector, robustness
+from monitoring.rules import EPSILON, Thresholds
 from monitoring.shifts import NO_LABEL, SHIFTS
 from tests.conftest import make_random_export, write_idx_set
 from training import data as data_mod
@@ -121,3 +122,28 @@ def test_shift_keeps_shape_and_its_first_level_is_the_identity(name: str) -> Non
     assert not np.array_equal(moved, images), f"{name} at {shift.levels[-1]} left the images unchanged"
     # Only images from another source lose their label: no answer to them is right.
     assert (moved_labels == NO_LABEL).all() if shift.foreign else (moved_labels == labels).all()
+
+
+def test_detector_psi_is_the_rules_formula() -> None:
+    """sum (live - ref) * ln(live / ref), both floored at the rules' EPSILON; one PSI per prefix row."""
+    counts = torch.tensor([[0, 5, 10, 85], [25, 25, 25, 25]])
+    reference = [0.1, 0.2, 0.3, 0.4]
+    expected = []
+    for row in counts.tolist():
+        live = [max(c / sum(row), EPSILON) for c in row]
+        expected.append(sum((a - e) * math.log(a / e) for a, e in zip(live, reference, strict=True)))
+    assert detector.psi(counts, reference).tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_requests_to_alert_counts_only_a_crossing_that_lasts() -> None:
+    """Reference: uniform over 4 bins. A skewed start that balanced traffic dilutes is no alert."""
+    ref = {"features": dict.fromkeys(FEATURES, [0.25] * 4)}
+    limits = Thresholds(min_requests=4)
+    balanced = torch.arange(400) % 4
+    skewed_start = torch.cat([torch.zeros(8, dtype=torch.long), balanced])
+    assert detector.requests_to_alert(dict.fromkeys(FEATURES, skewed_start), ref, limits) is None
+    # Everything in bin 0: the condition holds from the rule's minimum window on.
+    assert (
+        detector.requests_to_alert(dict.fromkeys(FEATURES, torch.zeros(50, dtype=torch.long)), ref, limits)
+        == 4
+    )
