@@ -15,21 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from handler import monitor
 from handler.fashion_handler import load_model
 from handler.preprocess import PreprocessSpec, normalize
-from monitoring.rules import EPSILON, RulesError, Thresholds, reference
+from monitoring import detector
+from monitoring.rules import RulesError, Thresholds, reference
+from monitoring.shifts import SHIFTS
 from scripts.bench_serving import write_doc
 from training.data import DataError, load_split
 
@@ -38,19 +37,14 @@ DOC = REPO / "docs" / "monitoring.md"
 BEGIN, END = "<!-- calibrate:begin -->", "<!-- calibrate:end -->"
 
 
-def _rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.stack(
-        [np.asarray(Image.fromarray(i.astype(np.uint8)).rotate(30, Image.Resampling.BILINEAR)) for i in x]
-    )
-
-
-SHIFTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    "clean": lambda x, rng: x,
-    "inverted": lambda x, rng: 255 - x,
-    "darkened (x0.5)": lambda x, rng: x * 0.5,
-    "brightened (x0.6 + 100)": lambda x, rng: x * 0.6 + 100,
-    "noisy (sigma 60)": lambda x, rng: x + rng.normal(0, 60, x.shape),
-    "rotated 30 degrees": _rotate,
+# Each traffic kind is a chain of (shift, level) from monitoring.shifts, the set robustness uses.
+TRAFFIC: dict[str, tuple[tuple[str, float], ...]] = {
+    "clean": (),
+    "inverted": (("inversion", 1.0),),
+    "darkened (x0.5)": (("exposure", 0.5),),
+    "brightened (x0.6 + 100)": (("exposure", 0.6), ("brightness", 100)),
+    "noisy (sigma 60)": (("gaussian_noise", 60),),
+    "rotated 30 degrees": (("rotation", 30),),
 }
 
 
@@ -58,17 +52,7 @@ def window_scores(
     images: np.ndarray, model: torch.nn.Module, spec: PreprocessSpec, mspec: monitor.MonitorSpec, ref: dict
 ) -> dict[str, float]:
     x = normalize(torch.from_numpy(images), spec)
-    stats = monitor.input_stats(x, spec)
-    psi = []
-    for name in monitor.FEATURES:
-        live = monitor.histogram(stats[name], mspec.edges[name])["counts"]
-        shares = [max(c / len(images), EPSILON) for c in live]
-        psi.append(
-            sum(
-                (a - max(e, EPSILON)) * math.log(a / max(e, EPSILON))
-                for a, e in zip(shares, ref["features"][name], strict=True)
-            )
-        )
+    psi = detector.feature_psi(detector.feature_bins(monitor.input_stats(x, spec), mspec), ref).values()
     with torch.inference_mode():
         probs = torch.softmax(model(x), dim=1)
     confidence, top1 = probs.max(dim=1)
@@ -82,13 +66,18 @@ def measure(model_dir: Path, data: Path, windows: int, size: int) -> dict[str, l
     meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
     ref, spec, mspec = reference(meta), PreprocessSpec.from_meta(meta), monitor.MonitorSpec.from_meta(meta)
     model = load_model(model_dir / "model.pt")
-    test = load_split(data, "test").images.numpy().astype(np.float64)
+    test = load_split(data, "test")
     rng = np.random.default_rng(0)
     out = {}
-    for name, shift in SHIFTS.items():
+    for name, steps in TRAFFIC.items():
         scores = []
         for w in range(min(windows, len(test) // size)):
-            images = np.clip(shift(test[w * size : (w + 1) * size], rng), 0, 255).astype(np.uint8)
+            images, labels = (
+                test.images.numpy()[w * size : (w + 1) * size],
+                test.labels.numpy()[w * size : (w + 1) * size],
+            )
+            for shift, level in steps:
+                images, labels = SHIFTS[shift].apply(images, labels, level, rng)
             scores.append(window_scores(images, model, spec, mspec, ref))
         out[name] = scores
     return out

@@ -61,6 +61,11 @@ def brightness(x: np.ndarray, level: float, rng: np.random.Generator) -> np.ndar
     return x + level
 
 
+def exposure(x: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    """Multiply every pixel by `level` (1 = unchanged): a dim, under-exposed shot."""
+    return x * level
+
+
 def contrast(x: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
     """Scale each image's deviation from its own mean by `level` (1 = unchanged): a washed-out shot."""
     mean = x.mean(axis=(1, 2), keepdims=True)
@@ -145,6 +150,7 @@ SHIFTS: dict[str, Shift] = {
     s.name: s
     for s in (
         Shift("brightness", "added to every pixel (0-255)", (0, 25, 50, 75, 100, 150), brightness),
+        Shift("exposure", "pixel factor", (1.0, 0.8, 0.6, 0.5, 0.4, 0.25), exposure),
         Shift("contrast", "contrast factor", (1.0, 0.8, 0.6, 0.4, 0.25, 0.1), contrast),
         Shift("gaussian_noise", "noise sigma (0-255)", (0, 10, 20, 40, 60, 90), gaussian_noise),
         Shift("blur", "Gaussian blur radius (px)", (0, 0.5, 1.0, 1.5, 2.0, 3.0), blur),
