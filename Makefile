@@ -8,7 +8,7 @@ TRAIN_ARGS ?=
 
 .PHONY: help setup setup-dev all data train export evaluate archive serve stop lint test test-fast \
 	image image-train bench-training bench-loading bench-precision bench-serving bench-container bench-monitoring soak \
-	clean rules monitor
+	clean rules monitor robustness drift-report
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
@@ -87,6 +87,12 @@ bench-container:  ## image size and container cold start; writes docs/deploy.md
 bench-monitoring:  ## throughput with model monitoring on vs off, and the drift calibration; docs/monitoring.md
 	$(PY) -m scripts.bench_monitoring
 	$(PY) -m monitoring.calibrate --model-dir $(EXPORT)
+
+robustness:  ## accuracy and drift PSI under fixed shifts; reports/robustness.*, docs/monitoring.md
+	$(PY) -m monitoring.robustness --model-dir $(EXPORT)
+
+drift-report:  ## HTML drift report of the local prediction log (LOG=FILE to change); reports/
+	$(PY) -m monitoring.drift_report --log $(or $(LOG),.serve/default/logs/predictions.log) --meta $(EXPORT)/model_meta.json
 
 soak:  ## drive the server at ~80% of capacity for 5 minutes; writes docs/reliability.md
 	$(PY) -m scripts.soak
