@@ -16,7 +16,10 @@ from training.data import DataError
 from training.train import CONFIG_DIR
 
 DEFAULTS = dataclasses.asdict(TrainConfig())
-GROUP_FILES = sorted(p for p in Path(CONFIG_DIR).glob("*/*.yaml"))
+# Hydra groups only: configs/serving/ holds TorchServe's files, which no dataclass describes.
+GROUP_FILES = sorted(
+    p for p in Path(CONFIG_DIR).glob("*/*.yaml") if p.parent.name in DEFAULTS or p.parent.name == "experiment"
+)
 
 
 def _restated(values: dict, defaults: dict, where: str) -> list[str]:
