@@ -82,7 +82,7 @@ bench-serving:  ## cold start, latency and throughput of the archive; writes doc
 	$(PY) -m scripts.bench_serving
 
 bench-container:  ## image size and container cold start; writes docs/deploy.md
-	$(PY) scripts/bench_container.py
+	$(PY) -m scripts.bench_container
 
 bench-monitoring:  ## throughput with model monitoring on vs off, and the drift calibration; docs/monitoring.md
 	$(PY) -m scripts.bench_monitoring

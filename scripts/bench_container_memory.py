@@ -4,7 +4,7 @@ figures into docs/deploy.md.
     scripts/build_image.sh && .venv/bin/python -m scripts.bench_container_memory
     .venv/bin/python -m scripts.bench_container_memory --set job_queue_size=32 --seconds 30
 
-Starts the image hardened as GKE runs it (`hardened_flags` of scripts/bench_container.py) with the
+Starts the image hardened as GKE runs it (`hardened_flags` of serving/container.py) with the
 memory limit of the `torchserve` container in deploy/base/deployment.yaml, and with TorchServe's
 config from `--config` (the image's own by default) plus any `--set KEY=VALUE`, mounted read-only
 and named by TS_CONFIG_FILE. Then two loads of `--seconds` each: 28x28 PNGs from 16 closed-loop
@@ -19,7 +19,6 @@ replace the block between the bench markers in docs/deploy.md.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shlex
 import subprocess
@@ -32,13 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image
 
-from scripts.bench_container import docker, hardened_flags, predict, read_key, write_doc
-from scripts.soak import Sample, drive
+from serving import REPO
+from serving.container import docker, hardened_flags, read_key
+from serving.container import predict_status as predict
+from serving.docblock import write_block
+from serving.images import encode
+from serving.loadgen import Sample, drive
+from serving.tsconfig import override, parse_properties
 
-REPO = Path(__file__).resolve().parent.parent
-START, END = "<!-- bench_container_memory:start -->", "<!-- bench_container_memory:end -->"
+DOC = REPO / "docs" / "deploy.md"
 MANIFEST = REPO / "deploy" / "base" / "deployment.yaml"
 CONFIG_IN_CONTAINER = "/etc/fashion-mnist/torchserve/config.properties"
 STORE_IN_CONTAINER = "/opt/fashion-serve/model-store"
@@ -72,12 +74,10 @@ def docker_quantity(quantity: str) -> str:
 def config_text(path: Path, overrides: list[str]) -> tuple[str, dict[str, str]]:
     """The config file with each KEY=VALUE of `overrides` replacing (or adding) that key."""
     wanted = dict(item.split("=", 1) for item in overrides)
-    lines = [
-        line for line in path.read_text(encoding="utf-8").splitlines() if line.split("=", 1)[0] not in wanted
-    ]
-    lines += [f"{key}={value}" for key, value in wanted.items()]
-    settings = dict(line.split("=", 1) for line in lines if "=" in line and not line.lstrip().startswith("#"))
-    return "\n".join(lines) + "\n", settings
+    text = path.read_text(encoding="utf-8")
+    if wanted:
+        text = override(text, wanted, "bench_container_memory --set")
+    return text, parse_properties(text)
 
 
 def noise_png(max_bytes: int) -> bytes:
@@ -85,19 +85,14 @@ def noise_png(max_bytes: int) -> bytes:
     side = int((max_bytes * 0.99 / 3) ** 0.5)
     while True:
         pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-        png = io.BytesIO()
-        Image.fromarray(pixels).save(png, format="PNG", compress_level=1)
-        if png.tell() <= max_bytes:
-            return png.getvalue()
+        png = encode(pixels, compress_level=1)
+        if len(png) <= max_bytes:
+            return png
         side -= 16
 
 
 def small_png() -> bytes:
-    png = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(
-        png, format="PNG"
-    )
-    return png.getvalue()
+    return encode(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
 
 
 class Cgroup:
@@ -246,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{command}` (after `scripts/build_image.sh`).",
         ]
     )
-    write_doc(block, START, END)
+    write_block(DOC, "bench_container_memory", block)
     print(block)
     return 0
 

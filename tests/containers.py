@@ -7,8 +7,8 @@ kubelet would: a holder container owns the network namespace and publishes the p
 args, env, volumes, user, memory limit and securityContext the manifest gives it. `Pod` does that
 and runs the manifest's probes and preStop hooks against the result, so a manifest that drifts
 from the image fails here. Used by tests/test_container.py, test_proxy.py and test_deploy.py;
-`hardened_flags` (GKE's hardening as `docker run` flags) comes from scripts/bench_container.py,
-which starts the image the same way.
+`hardened_flags` (GKE's hardening as `docker run` flags) comes from serving/container.py, which the
+container benchmark uses too.
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from scripts.bench_container import hardened_flags
-
-REPO = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
+from serving import REPO
+from serving.container import hardened_flags
+from serving.waiting import wait_for
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -59,18 +57,6 @@ def build_image(tag: str, target: str = "serve", mar: Path | None = None, train:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return tag
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll `check()` until it returns something other than None/False; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def http(
@@ -150,6 +136,11 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
     matches = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
     return matches[0]
+
+
+def deployment_containers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The containers of the one Deployment in `docs`, by name."""
+    return {c["name"]: c for c in find(docs, "Deployment")["spec"]["template"]["spec"]["containers"]}
 
 
 def docker_size(quantity: str) -> str:

@@ -4,7 +4,7 @@ listeners, registration confined to the model store, and the key file kept secre
     python -m pytest tests/test_auth.py -q
 
 Covered elsewhere, so not repeated here: registration of http(s)://, file:// and ../ URLs and the
-management key on registration (tests/test_serving_e2e.py), every listener of a running server on
+management key on registration (tests/test_serving_api.py), every listener of a running server on
 loopback (same file), and the archive step refusing handler or export files that resolve outside the
 repository or the export directory (tests/test_archive.py).
 """
@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,11 @@ import psutil
 import pytest
 import requests
 
-from scripts import serve
+from serving import MODEL_NAME as MODEL
+from serving import REPO
+from serving.client import Client
+from serving.server import Instance, read_keys, read_record
+from serving.tsconfig import parse_properties, render
 from tests.reliability import (
     RandomArchive,
     random_archive,
@@ -34,8 +39,6 @@ from tests.reliability import (
     worker_pids,
 )
 
-REPO = serve.REPO
-MODEL = serve.MODEL_NAME
 PROBE = "probe"  # the name registration attempts in these tests use, so they never touch MODEL
 
 # Every endpoint that needs a key: (API, method, path, the key it takes). The mutating ones would
@@ -81,32 +84,32 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive) -> Iterator[serve.Instance]:
+def server(tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive) -> Iterator[Instance]:
     with serving_store_copy(tmp_path_factory, archive, "auth") as instance:
         yield instance
 
 
 @pytest.fixture
-def client(server: serve.Instance) -> serve.Client:
-    return serve.Client.for_instance(server)
+def client(server: Instance) -> Client:
+    return Client.for_instance(server)
 
 
-def keys(instance: serve.Instance) -> dict[str, str]:
-    entries = serve.read_keys(instance.key_file)
+def keys(instance: Instance) -> dict[str, str]:
+    entries = read_keys(instance.key_file)
     return {api: entry["key"] for api, entry in entries.items()}
 
 
-def server_state(client: serve.Client) -> tuple[Any, ...]:
+def server_state(client: Client) -> tuple[Any, ...]:
     """What a mutating call would change: models, versions, workers and their PIDs, the keys."""
     described = [
         (v["modelVersion"], v["minWorkers"], v["maxWorkers"], sorted(w["pid"] for w in v["workers"]))
         for v in client.describe()
     ]
-    return client.models(), described, serve.read_keys(client.key_file)
+    return client.models(), described, read_keys(client.key_file)
 
 
-def url(instance: serve.Instance, api: str, path: str) -> str:
-    return serve.read_record(instance).url(api) + path
+def url(instance: Instance, api: str, path: str) -> str:
+    return read_record(instance).url(api) + path
 
 
 # --- tokens ------------------------------------------------------------------------------------------
@@ -115,8 +118,8 @@ def url(instance: serve.Instance, api: str, path: str) -> str:
 @pytest.mark.serving
 @pytest.mark.parametrize(("api", "method", "path", "own", "authorization"), REFUSALS)
 def test_missing_malformed_or_wrong_key_is_400_invalid_key(
-    server: serve.Instance,
-    client: serve.Client,
+    server: Instance,
+    client: Client,
     api: str,
     method: str,
     path: str,
@@ -153,7 +156,7 @@ def test_missing_malformed_or_wrong_key_is_400_invalid_key(
     ],
 )
 def test_the_right_key_opens_each_api(
-    server: serve.Instance, api: str, method: str, path: str, status: int
+    server: Instance, api: str, method: str, path: str, status: int
 ) -> None:
     # The counterpart of the refusals above: the same calls with the API's own key get through.
     headers = {"Authorization": f"Bearer {keys(server)[api]}"}
@@ -166,7 +169,7 @@ def test_the_right_key_opens_each_api(
     ("api", "method", "path"), [("inference", "OPTIONS", "/"), ("metrics", "GET", "/metrics")]
 )
 def test_the_only_endpoints_without_a_key_reveal_no_secret(
-    server: serve.Instance, client: serve.Client, api: str, method: str, path: str
+    server: Instance, client: Client, api: str, method: str, path: str
 ) -> None:
     # TorchServe serves its OpenAPI description and the Prometheus metrics without a key; both are
     # bound to loopback, and neither may contain a key.
@@ -179,26 +182,18 @@ def test_the_only_endpoints_without_a_key_reveal_no_secret(
 # --- listeners ------------------------------------------------------------------------------------
 
 
-def properties(text: str) -> dict[str, str]:
-    """Java properties (key=value lines, later keys win), enough for TorchServe's config files."""
-    pairs = (
-        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#")
-    )
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
-def local_configs(server: serve.Instance) -> dict[str, str]:
-    """Every config a server on this host runs with: the repository's file and a started instance's."""
+def local_configs(server: Instance) -> dict[str, str]:
+    """Every config a server on this host runs with: the local target and a started instance's."""
     return {
-        "config.properties": serve.CONFIG_FILE.read_text(encoding="utf-8"),
+        "local target (serving.tsconfig)": render("local"),
         "instance config written by `scripts.serve start`": server.config_file.read_text(encoding="utf-8"),
     }
 
 
 @pytest.mark.serving
-def test_every_local_config_binds_every_api_and_metrics_to_loopback(server: serve.Instance) -> None:
+def test_every_local_config_binds_every_api_and_metrics_to_loopback(server: Instance) -> None:
     for name, text in local_configs(server).items():
-        config = properties(text)
+        config = parse_properties(text)
         addresses = {key: value for key, value in config.items() if key.endswith("_address")}
         assert {"inference_address", "management_address", "metrics_address"} <= addresses.keys(), name
         for key, value in addresses.items():
@@ -215,11 +210,11 @@ def non_loopback_ipv4() -> str | None:
 
 @pytest.mark.serving
 @pytest.mark.parametrize("api", ["inference", "management", "metrics"])
-def test_api_is_unreachable_through_another_interface(server: serve.Instance, api: str) -> None:
+def test_api_is_unreachable_through_another_interface(server: Instance, api: str) -> None:
     address = non_loopback_ipv4()
     if address is None:
         pytest.skip("this host has no network interface besides loopback to connect through")
-    port = serve.read_record(server).ports[api]
+    port = read_record(server).ports[api]
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((address, port), timeout=10).close()
     socket.create_connection(("127.0.0.1", port), timeout=10).close()  # while loopback answers
@@ -228,12 +223,12 @@ def test_api_is_unreachable_through_another_interface(server: serve.Instance, ap
 # --- registration stays inside the model store ------------------------------------------------------
 
 
-def register(client: serve.Client, archive_url: str) -> requests.Response:
+def register(client: Client, archive_url: str) -> requests.Response:
     params = {"url": archive_url, "model_name": PROBE, "synchronous": "true"}
     return client.call("management", "POST", "/models", params=params)
 
 
-def probe_registered(client: serve.Client) -> bool:
+def probe_registered(client: Client) -> bool:
     return any(entry["modelName"] == PROBE for entry in client.models())
 
 
@@ -258,9 +253,9 @@ def outside(tmp_path: Path, archive: RandomArchive) -> Path:
     ids=["absolute-path-outside", "percent-encoded-dot-dot", "percent-encoded-slash", "store-then-dot-dot"],
 )
 def test_registration_refuses_archives_outside_the_store(
-    server: serve.Instance, client: serve.Client, outside: Path, archive_url: str, refusal: str
+    server: Instance, client: Client, outside: Path, archive_url: str, refusal: str
 ) -> None:
-    store = Path(serve.read_record(server).model_store)
+    store = Path(read_record(server).model_store)
     archive_url = archive_url.format(outside=outside, outside_name=outside.name, store=store)
     resp = register(client, archive_url)
     assert (resp.status_code, resp.json()["type"]) == (404, "ModelNotFoundException"), resp.text
@@ -276,9 +271,7 @@ def test_registration_refuses_archives_outside_the_store(
     "setting turns that off; the management key and the loopback binding are the guard "
     "(docs/reliability.md, 'Residual risks')",
 )
-def test_registration_refuses_a_model_directory_outside_the_store(
-    client: serve.Client, outside: Path
-) -> None:
+def test_registration_refuses_a_model_directory_outside_the_store(client: Client, outside: Path) -> None:
     try:
         resp = register(client, str(outside / "unpacked"))
         assert resp.status_code == 404, resp.text
@@ -305,9 +298,9 @@ def write_archive(
 
 @pytest.mark.serving
 def test_archive_naming_a_model_file_outside_itself_is_not_loaded(
-    server: serve.Instance, client: serve.Client, outside: Path
+    server: Instance, client: Client, outside: Path
 ) -> None:
-    store = Path(serve.read_record(server).model_store)
+    store = Path(read_record(server).model_store)
     model_outside = outside / "unpacked" / "model.pt"
     write_archive(
         store / f"{MODEL}.mar", store / "points-outside.mar", {"serializedFile": str(model_outside)}
@@ -327,9 +320,9 @@ def test_archive_naming_a_model_file_outside_itself_is_not_loaded(
 
 @pytest.mark.serving
 def test_archive_entry_escaping_the_unpack_directory_is_refused(
-    server: serve.Instance, client: serve.Client, tmp_path: Path
+    server: Instance, client: Client, tmp_path: Path
 ) -> None:
-    store = Path(serve.read_record(server).model_store)
+    store = Path(read_record(server).model_store)
     target = tmp_path / "escaped.txt"
     escape = "../" * 32 + str(target).lstrip("/")  # "zip slip": enough ../ to reach / from any TMPDIR
     write_archive(store / f"{MODEL}.mar", store / "zip-slip.mar", extra={escape: b"written outside"})
@@ -345,14 +338,12 @@ def test_archive_entry_escaping_the_unpack_directory_is_refused(
 
 
 @pytest.mark.serving
-def test_key_file_is_private_to_its_owner(server: serve.Instance) -> None:
+def test_key_file_is_private_to_its_owner(server: Instance) -> None:
     assert server.key_file.stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.serving
-def test_no_key_reaches_a_log_or_the_status_command(
-    server: serve.Instance, client: serve.Client, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_no_key_reaches_a_log_or_the_status_command(server: Instance, client: Client) -> None:
     seen = set(keys(server).values())
     # Traffic that could make a server log a key: a good call, refused calls carrying near-keys, and
     # a renewal that writes new keys.
@@ -373,15 +364,19 @@ def test_no_key_reaches_a_log_or_the_status_command(
     )
     assert renewed.status_code == 200
     seen |= set(keys(server).values())
-    assert serve.main(["--state-dir", str(server.state_root), "--instance", server.name, "status"]) == 0
-    printed = capsys.readouterr()
+    status = subprocess.run(
+        [sys.executable, "-m", "scripts.serve", "--state-dir", str(server.state_root),
+         "--instance", server.name, "status"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
     settle_log(client, server.log_file)
 
     logs = {path: path.read_text(errors="replace") for path in server.log_dir.rglob("*") if path.is_file()}
     assert server.log_file in logs and server.log_dir / "access_log.log" in logs
     leaks = [str(path) for path, text in logs.items() if any(key in text for key in seen)]
     assert leaks == []
-    assert not any(key in printed.out + printed.err for key in seen)
+    assert not any(key in status.stdout + status.stderr for key in seen)
 
 
 @pytest.mark.parametrize(

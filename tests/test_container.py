@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from handler.monitor import PREDICTION_PREFIX
-from tests.containers import REPO, Container, build_image, docker, hardened_flags, http, wait_for
-from tests.serving import offline_probabilities, png_bytes
+from serving.images import encode as png_bytes
+from serving.waiting import wait_for
+from tests.containers import REPO, Container, build_image, docker, hardened_flags, http
+from tests.live_server import offline_probabilities
 from training.data import DEBIAN_DIR, load_split
 
 IMAGE = "fashion-mnist-serve:test"

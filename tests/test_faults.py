@@ -4,7 +4,7 @@ and (with Docker) the container stopped while loaded.
     python -m pytest tests/test_faults.py -q
     python -m pytest tests/test_faults.py -q -m container     # only the container fault (needs Docker)
 
-Load comes from the repository's own load generator (scripts.soak.drive): keep-alive clients
+Load comes from the repository's own load generator (serving.loadgen.drive): keep-alive clients
 sending back to back, every request's outcome recorded. docs/reliability.md has the measured
 behaviour of each fault.
 """
@@ -25,30 +25,31 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
-from scripts import serve
-from scripts.soak import Sample, drive
-from tests.containers import Container, build_image, hardened_flags
+from serving import MODEL_NAME as MODEL
+from serving import REPO
+from serving.client import Client, RequestFailed
+from serving.container import hardened_flags
+from serving.images import noise_pngs
+from serving.loadgen import Sample, drive
+from serving.server import DEFAULT_PORTS, Instance, read_record, stop
+from serving.waiting import wait_for
+from tests.containers import Container, build_image
+from tests.live_server import offline_probabilities
 from tests.reliability import (
     PREDICT_PATH,
     RandomArchive,
     random_archive,
     serving_store_copy,
-    wait_for,
     worker_pids,
 )
-from tests.serving import offline_probabilities, png_bytes
 
-MODEL = serve.MODEL_NAME
 PROBE = "probe"  # corrupt archives are registered under this name, beside the healthy model
 BATCH_SIZE = 8
 CLIENTS = 8
-BODIES = [
-    png_bytes(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)) for seed in range(32)
-]
+BODIES = noise_pngs(32)
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +58,20 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive) -> Iterator[serve.Instance]:
+def server(tmp_path_factory: pytest.TempPathFactory, archive: RandomArchive) -> Iterator[Instance]:
     """A server with the model registered (batch_size 8, one worker) and a store tests may add to."""
     with serving_store_copy(tmp_path_factory, archive, "faults", batch_size=BATCH_SIZE) as instance:
-        assert len(worker_pids(serve.Client.for_instance(instance))) == 1
+        assert len(worker_pids(Client.for_instance(instance))) == 1
         yield instance
 
 
 @pytest.fixture
-def client(server: serve.Instance) -> serve.Client:
-    return serve.Client.for_instance(server)
+def client(server: Instance) -> Client:
+    return Client.for_instance(server)
 
 
 class Load:
-    """scripts.soak.drive in a background thread: `clients` closed-loop clients until stopped."""
+    """serving.loadgen.drive in a background thread: `clients` closed-loop clients until stopped."""
 
     def __init__(self, url: str, headers: dict[str, str], clients: int = CLIENTS) -> None:
         self.samples: list[Sample] = []
@@ -96,10 +97,12 @@ def load_on(url: str, key: str, clients: int = CLIENTS) -> Load:
     return Load(url, {"Authorization": f"Bearer {key}", "Content-Type": "image/png"}, clients)
 
 
-def predicts_like_offline(client: serve.Client, archive: RandomArchive) -> bool:
-    resp = client.predict(BODIES[0], top_k=1)
+def predicts_like_offline(client: Client, archive: RandomArchive) -> bool:
     expected = int(offline_probabilities(archive.export, BODIES[:1])[0].argmax())
-    return resp.status_code == 200 and resp.json()["predictions"][0]["index"] == expected
+    try:
+        return client.predict(BODIES[0], top_k=1).predictions[0].index == expected
+    except RequestFailed:
+        return False
 
 
 # --- a worker killed under load ----------------------------------------------------------------------
@@ -107,18 +110,23 @@ def predicts_like_offline(client: serve.Client, archive: RandomArchive) -> bool:
 
 @pytest.mark.serving
 def test_worker_killed_under_load_is_restarted_and_only_its_batch_fails(
-    server: serve.Instance, client: serve.Client, capsys: pytest.CaptureFixture[str]
+    server: Instance, client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (old_pid,) = worker_pids(client).values()
     load = load_on(client.urls["inference"] + PREDICT_PATH, client.key("inference"))
     try:
-        assert wait_for(lambda: load.answered() >= 200), "no load reached the server"
+        wait_for(lambda: load.answered() >= 200, 30, "load to reach the server")
         killed_at = time.perf_counter()
         os.kill(old_pid, signal.SIGKILL)
-        new_pids = wait_for(lambda: set(worker_pids(client).values()) - {old_pid}, timeout=120)
-        assert new_pids, "TorchServe did not restart the killed worker"
+        wait_for(
+            lambda: set(worker_pids(client).values()) - {old_pid},
+            120,
+            "a new worker to replace the killed one",
+        )
         ready_at = time.perf_counter()
-        assert wait_for(lambda: load.answered(since=ready_at) >= 200, timeout=60)
+        wait_for(
+            lambda: load.answered(since=ready_at) >= 200, 60, "200 answers after the new worker was ready"
+        )
     finally:
         samples = load.finish()
 
@@ -144,20 +152,20 @@ def test_worker_killed_under_load_is_restarted_and_only_its_batch_fails(
 # --- a server restarted ------------------------------------------------------------------------------
 
 
-def cli(instance: serve.Instance, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(instance: Instance, *args: str) -> subprocess.CompletedProcess[str]:
     """One documented `python -m scripts.serve` command for this instance, on free ports."""
-    env = os.environ | {f"FASHION_SERVE_{name.upper()}_PORT": "0" for name in serve.DEFAULT_PORTS}
+    env = os.environ | {f"FASHION_SERVE_{name.upper()}_PORT": "0" for name in DEFAULT_PORTS}
     command = [sys.executable, "-m", "scripts.serve", "--state-dir", str(instance.state_root)]
     return subprocess.run(
         [*command, "--instance", instance.name, *args],
-        cwd=serve.REPO,
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
     )
 
 
-def serve_and_predict(instance: serve.Instance, store: Path, image: Path) -> None:
+def serve_and_predict(instance: Instance, store: Path, image: Path) -> None:
     """The documented sequence: start, register, predict."""
     for args in (["start", "--model-store", str(store)], ["register"], ["predict", str(image)]):
         done = cli(instance, *args)
@@ -169,12 +177,12 @@ def serve_and_predict(instance: serve.Instance, store: Path, image: Path) -> Non
 def test_restart_on_the_same_store_serves_again_with_the_documented_commands(
     archive: RandomArchive, tmp_path: Path, how: str
 ) -> None:
-    instance = serve.Instance("restart", tmp_path / "state")
+    instance = Instance("restart", tmp_path / "state")
     image = tmp_path / "shirt.png"
     image.write_bytes(BODIES[0])
     try:
         serve_and_predict(instance, archive.store, image)
-        first = serve.read_record(instance)
+        first = read_record(instance)
         if how == "stopped":
             assert cli(instance, "stop").returncode == 0
         else:  # a crash: the JVM and its workers die at once, leaving PID file, keys and sockets behind
@@ -184,9 +192,9 @@ def test_restart_on_the_same_store_serves_again_with_the_documented_commands(
                 proc.kill()
             psutil.wait_procs(family, timeout=30)
         serve_and_predict(instance, archive.store, image)
-        assert serve.read_record(instance).pid != first.pid
+        assert read_record(instance).pid != first.pid
     finally:
-        serve.stop(instance)
+        stop(instance)
 
 
 # --- corrupt archives --------------------------------------------------------------------------------
@@ -227,17 +235,17 @@ CORRUPT = {
 }
 
 
-def probe_serving(client: serve.Client) -> bool:
+def probe_serving(client: Client) -> bool:
     return any(entry["modelName"] == PROBE for entry in client.models()) and bool(worker_pids(client, PROBE))
 
 
 @pytest.mark.serving
 @pytest.mark.parametrize("kind", CORRUPT)
 def test_corrupt_archive_is_refused_and_the_registered_model_keeps_serving(
-    server: serve.Instance, client: serve.Client, archive: RandomArchive, kind: str
+    server: Instance, client: Client, archive: RandomArchive, kind: str
 ) -> None:
     damage, refusal = CORRUPT[kind]
-    store = Path(serve.read_record(server).model_store)
+    store = Path(read_record(server).model_store)
     name = f"{kind}.mar"
     (store / name).write_bytes(damage((store / f"{MODEL}.mar").read_bytes()))
     pids = worker_pids(client)
@@ -294,7 +302,7 @@ def test_docker_stop_drains_the_requests_in_flight(
         url = f"http://127.0.0.1:{container.host_port(8080)}{PREDICT_PATH}"
         load = load_on(url, json.loads(keys.stdout)["inference"]["key"], DRAIN_CLIENTS)
         try:
-            assert wait_for(lambda: load.answered() >= 200), "no load reached the container"
+            wait_for(lambda: load.answered() >= 200, 30, "load to reach the container")
             stop_at = time.perf_counter()
             exit_code, seconds = container.stop(GRACE_S)  # returns once the container has exited
         finally:

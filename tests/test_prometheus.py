@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import requests
 
-from scripts import serve
-from tests.reliability import wait_for
-from tests.serving import png_bytes
+from serving.client import Client
+from serving.images import encode as png_bytes
+from serving.server import Instance, read_record
+from serving.waiting import wait_for
+from tests.live_server import running_server
 from training.data import load_split
 
 pytestmark = pytest.mark.serving
@@ -32,26 +34,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, mar_file: Path) -> Iterator[serve.Instance]:
-    instance = serve.Instance("prom", tmp_path_factory.mktemp("serve"))
-    serve.start(instance, mar_file.parent, dict.fromkeys(serve.DEFAULT_PORTS, 0))
-    try:
+def server(tmp_path_factory: pytest.TempPathFactory, mar_file: Path) -> Iterator[Instance]:
+    with running_server(mar_file.parent, tmp_path_factory.mktemp("serve"), "prom") as instance:
         yield instance
-    finally:
-        serve.stop(instance)
 
 
 @pytest.fixture(scope="module")
-def client(server: serve.Instance) -> Iterator[serve.Client]:
-    client = serve.Client.for_instance(server)
+def client(server: Instance) -> Iterator[Client]:
+    client = Client.for_instance(server)
     client.register()
     yield client
     client.close()
 
 
 @pytest.fixture(scope="module")
-def metrics_url(server: serve.Instance) -> str:
-    return serve.read_record(server).url("metrics")
+def metrics_url(server: Instance) -> str:
+    return read_record(server).url("metrics")
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +72,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, metrics_url: str) -> It
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        ready = wait_for(lambda: _ok(f"{url}/-/ready"), timeout=60.0, interval=0.25)
-        assert ready, f"prometheus did not become ready: {(work / 'prometheus.log').read_text()[-2000:]}"
+        try:
+            wait_for(lambda: _ok(f"{url}/-/ready"), 60, "prometheus to be ready", 0.25)
+        except AssertionError as err:
+            raise AssertionError(f"{err}: {(work / 'prometheus.log').read_text()[-2000:]}") from None
         yield url
     finally:
         proc.terminate()
@@ -95,8 +95,8 @@ def query(prometheus: str, expr: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def test_metrics_endpoint_is_valid_exposition_text(client: serve.Client, metrics_url: str) -> None:
-    assert client.predict(png_bytes(np.zeros((28, 28), np.uint8))).status_code == 200
+def test_metrics_endpoint_is_valid_exposition_text(client: Client, metrics_url: str) -> None:
+    client.predict(png_bytes(np.zeros((28, 28), np.uint8)))  # raises RequestFailed unless 200
     text = requests.get(f"{metrics_url}/metrics", timeout=10).text
     assert "ts_inference_requests_total" in text
     promtool = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
@@ -107,13 +107,18 @@ def test_metrics_endpoint_is_valid_exposition_text(client: serve.Client, metrics
 
 
 def test_prometheus_scrapes_the_request_counter(
-    client: serve.Client, prometheus: str, real_data_root: Path
+    client: Client, prometheus: str, real_data_root: Path
 ) -> None:
-    up = wait_for(lambda: query(prometheus, 'up{job="torchserve"}') == 1.0, timeout=60.0, interval=0.25)
-    assert up, "scrape target never came up"
-    before = wait_for(lambda: query(prometheus, "sum(ts_inference_requests_total)"), 10.0, 0.25) or 0.0
+    wait_for(lambda: query(prometheus, 'up{job="torchserve"}') == 1.0, 60, "the scrape target to be up", 0.25)
+    # Up means a scrape has happened: the counter is what the server reported then (absent before
+    # any request).
+    before = query(prometheus, "sum(ts_inference_requests_total)") or 0.0
     for image in load_split(real_data_root, "test").images[:PREDICTIONS].numpy():
-        assert client.predict(png_bytes(image)).status_code == 200
+        client.predict(png_bytes(image))  # raises RequestFailed unless 200
     total = "sum(ts_inference_requests_total)"
-    after = wait_for(lambda: (v := query(prometheus, total)) and v >= before + PREDICTIONS and v, 60.0, 0.25)
-    assert after, f"Prometheus never saw {PREDICTIONS} more requests than {before}"
+    wait_for(
+        lambda: (query(prometheus, total) or 0.0) >= before + PREDICTIONS,
+        60,
+        f"Prometheus to see {PREDICTIONS} more requests than {before}",
+        0.25,
+    )

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from checks.manifests import render
+from serving.images import encode as png_bytes
 from tests.containers import Container, Pod, build_image, hardened_flags, http
-from tests.serving import png_bytes
 
 IMAGE = "fashion-mnist-serve:test"
 TOKEN = secrets.token_hex(32)

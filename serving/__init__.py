@@ -1,0 +1,19 @@
+"""The serving side as a library; `scripts/serve.py`, `scripts/soak.py` and the benchmarks are its
+command lines, and the tests import it directly.
+
+    server     start, stop and find a local TorchServe instance; its keys
+    client     a typed REST client (`Client.predict` -> `Prediction`, or `RequestFailed`)
+    tsconfig   the one source of TorchServe's config.properties for every target
+    loadgen    closed- and open-loop load, request samples, memory traces
+    images     image bodies for tests and benchmarks
+    docblock   measured figures written between markers in docs/*.md
+    container  the serving image run as GKE runs it
+    waiting    `wait_for`, the one way to poll for a condition
+"""
+
+from pathlib import Path
+
+# Every default path of the serving commands is resolved from here, never from the working directory.
+REPO = Path(__file__).resolve().parent.parent
+# The name the archive registers under, and the URL path /predictions/<MODEL_NAME>.
+MODEL_NAME = "fashion_mnist"

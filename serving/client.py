@@ -1,0 +1,234 @@
+"""A typed client for TorchServe's management and inference REST APIs, with the right key per call.
+
+    from serving.client import Client, RequestFailed
+    client = Client.for_instance(instance)            # a local instance (serving.server)
+    client.register()                                 # returns once the workers are up
+    try:
+        top = client.predict(png, top_k=3).predictions[0].label
+    except RequestFailed as err:                      # any non-2xx answer
+        print(err.status, err.body)                   # e.g. 413 {"error": "image_too_large", ...}
+
+Errors: `RequestFailed` (a ServeError) for every answer that is not 2xx, carrying the HTTP status
+and the server's JSON body; `ServeError` alone when no answer came (server down, timeout, wrong key
+file). `Client.call` sends any authorised request and returns the raw `requests.Response`, for
+callers (tests) that look at the status themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from serving import MODEL_NAME
+from serving.server import START_HINT, Instance, ServeError, read_keys, read_record, server_process
+
+# Renew a key this long before TorchServe's own expiry, so a request never races it.
+KEY_RENEW_MARGIN = timedelta(seconds=30)
+
+
+class RequestFailed(ServeError):
+    """The server answered with a status that is not 2xx.
+
+    `status` is the HTTP status; `body` the parsed JSON answer ({} if it was not JSON: then
+    `text` has it); `kind` and `detail` its error name and message: TorchServe's own
+    {"type", "message"} or the handler's {"error", "detail"}. str(err) says what to do next where
+    the status has a known cause.
+    """
+
+    def __init__(self, what: str, resp: requests.Response, hint: str = "") -> None:
+        self.status = resp.status_code
+        self.text = resp.text
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        self.body: dict[str, Any] = body if isinstance(body, dict) else {}
+        self.kind, self.detail = error_fields(resp)
+        message = f"{what}: HTTP {self.status} {self.kind} {self.detail}".rstrip()
+        super().__init__(f"{message}{'; ' + hint if hint else ''}")
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    index: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The handler's answer: the model and version that answered, and the top-k classes."""
+
+    model: str
+    version: str
+    predictions: tuple[Label, ...]
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Prediction:
+        labels = tuple(
+            Label(p["label"], int(p["index"]), float(p["probability"])) for p in body["predictions"]
+        )
+        return cls(str(body["model"]), str(body["version"]), labels)
+
+
+def error_fields(resp: requests.Response) -> tuple[str, str]:
+    """(kind, message) of a TorchServe error {"type", "message"} or a handler error {"error", "detail"}."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return "", resp.text.strip()[:200] or resp.reason
+    if not isinstance(body, dict):
+        return "", str(body)[:200]
+    return str(body.get("type", body.get("error", ""))), str(body.get("message", body.get("detail", "")))
+
+
+class Client:
+    """Management and inference calls with the right key and a plain-words error for each failure."""
+
+    def __init__(
+        self, inference_url: str, management_url: str, key_file: Path | None, timeout: float = 60.0
+    ) -> None:
+        self.urls = {"inference": inference_url.rstrip("/"), "management": management_url.rstrip("/")}
+        self.key_file = key_file
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    @classmethod
+    def for_instance(cls, instance: Instance, timeout: float = 60.0) -> Client:
+        server = read_record(instance)
+        if server is None or server_process(server) is None:
+            raise ServeError(f"TorchServe instance {instance.name!r} is not running: {START_HINT}")
+        return cls(server.url("inference"), server.url("management"), instance.key_file, timeout)
+
+    def key(self, api: str) -> str | None:
+        """The current key for "inference" or "management", renewed if it has expired."""
+        if self.key_file is None:
+            return None  # a server started with token authorization disabled
+        entry = read_keys(self.key_file)[api]
+        expires = datetime.fromisoformat(entry["expiration time"])
+        if expires - datetime.now(UTC) < KEY_RENEW_MARGIN:
+            api_key = read_keys(self.key_file)["API"]["key"]
+            self._send("management", "POST", "/token", params={"type": api}, key=api_key)
+            entry = read_keys(self.key_file)[api]
+        return entry["key"]
+
+    def _send(
+        self, api: str, method: str, path: str, key: str | None = None, **kwargs: Any
+    ) -> requests.Response:
+        url = self.urls[api] + path
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        try:
+            resp = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+        except requests.ConnectionError:
+            raise ServeError(f"no TorchServe answers at {self.urls[api]}: {START_HINT}") from None
+        except requests.Timeout:
+            raise ServeError(f"{method} {url} got no answer within {self.timeout:.0f}s") from None
+        if resp.status_code == 400 and error_fields(resp)[0] == "InvalidKeyException":
+            raise RequestFailed(
+                f"the server refused the {api} key from {self.key_file}",
+                resp,
+                "the key file belongs to another server run (restart with `python -m scripts.serve stop` "
+                "and `start`) or pass --key-file",
+            )
+        return resp
+
+    def call(self, api: str, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One authorised request; the response is returned whatever its status."""
+        return self._send(api, method, path, key=self.key(api), **kwargs)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _expect_ok(self, resp: requests.Response, action: str, model: str | None = None) -> Any:
+        if resp.ok:
+            return resp.json()
+        hint = ""
+        if resp.status_code == 404 and model is not None:
+            hint = f"model {model!r} is not registered: run `python -m scripts.serve register`"
+        raise RequestFailed(f"cannot {action}", resp, hint)
+
+    def ping(self) -> dict[str, Any]:
+        """{"status": "Healthy"}, or "Partial Healthy"/"Unhealthy" while models lack workers."""
+        resp = self.call("inference", "GET", "/ping")
+        try:
+            return resp.json()
+        except ValueError:
+            return {"status": f"HTTP {resp.status_code}"}
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._expect_ok(self.call("management", "GET", "/models"), "list models")["models"]
+
+    def describe(self, model: str = MODEL_NAME) -> list[dict[str, Any]]:
+        return self._expect_ok(self.call("management", "GET", f"/models/{model}"), f"describe {model}", model)
+
+    def register(
+        self,
+        archive: str = f"{MODEL_NAME}.mar",
+        batch_size: int | None = None,
+        max_batch_delay: int | None = None,
+        initial_workers: int | None = None,
+    ) -> dict[str, Any]:
+        """Register an archive from the server's model store; returns once its workers are up.
+
+        Unset settings come from the archive's model-config.yaml (workers, batching).
+        """
+        params = {"url": archive, "synchronous": "true"}
+        optional = {
+            "batch_size": batch_size,
+            "max_batch_delay": max_batch_delay,
+            "initial_workers": initial_workers,
+        }
+        params.update({name: str(value) for name, value in optional.items() if value is not None})
+        resp = self.call("management", "POST", "/models", params=params)
+        if resp.status_code == 404:
+            raise RequestFailed(
+                "registration refused",
+                resp,
+                "only names of archives in the server's model store are accepted (no URLs, no ../); "
+                "build one with `python -m archive.build`",
+            )
+        if resp.status_code == 409:
+            raise RequestFailed(
+                "already registered",
+                resp,
+                "unregister it first (`python -m scripts.serve unregister`), or change its workers "
+                "with `scale`",
+            )
+        return self._expect_ok(resp, f"register {archive}")
+
+    def unregister(self, model: str = MODEL_NAME) -> dict[str, Any]:
+        return self._expect_ok(
+            self.call("management", "DELETE", f"/models/{model}"), f"unregister {model}", model
+        )
+
+    def scale(self, min_workers: int, max_workers: int, model: str = MODEL_NAME) -> dict[str, Any]:
+        """Set the worker range; returns once the workers have started or stopped."""
+        params = {"min_worker": str(min_workers), "max_worker": str(max_workers), "synchronous": "true"}
+        resp = self.call("management", "PUT", f"/models/{model}", params=params)
+        return self._expect_ok(resp, f"scale {model}", model)
+
+    def predict(self, image: bytes, model: str = MODEL_NAME, top_k: int | None = None) -> Prediction:
+        """POST raw image bytes; the top-k classes, or RequestFailed for any non-2xx answer
+        (400/413: the image was refused, its `kind` says why; 404: no such model; 503: no worker
+        or a full queue)."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if top_k is not None:
+            headers["X-Top-K"] = str(top_k)
+        resp = self.call("inference", "POST", f"/predictions/{model}", data=image, headers=headers)
+        if resp.ok:
+            return Prediction.from_json(resp.json())
+        hint = ""
+        if resp.status_code == 404 and error_fields(resp)[0] == "ModelNotFoundException":
+            hint = f"model {model!r} is not registered: run `python -m scripts.serve register`"
+        elif resp.status_code == 503:
+            hint = (
+                "see `python -m scripts.serve status`; without a ready worker, add one with "
+                "`python -m scripts.serve scale --min-workers 1 --max-workers 1`"
+            )
+        raise RequestFailed(f"{model!r} refused the request", resp, hint)
