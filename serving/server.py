@@ -62,6 +62,15 @@ def exit_status(err: ServeError) -> int:
     return 2 if isinstance(err, InputError) else 1
 
 
+def _inside(*parts: str) -> property:
+    """A read-only attribute: the path `parts` inside the instance's directory."""
+
+    def path(self: Instance) -> Path:
+        return self.dir.joinpath(*parts)
+
+    return property(path)
+
+
 @dataclass(frozen=True)
 class Instance:
     """Where one server's files live: <state_root>/<name>/."""
@@ -73,29 +82,12 @@ class Instance:
     def dir(self) -> Path:
         return (self.state_root / self.name).resolve()
 
-    @property
-    def tmp_dir(self) -> Path:
-        return self.dir / "tmp"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.dir / "logs"
-
-    @property
-    def log_file(self) -> Path:
-        return self.log_dir / "ts.log"
-
-    @property
-    def key_file(self) -> Path:
-        return self.dir / "key_file.json"
-
-    @property
-    def config_file(self) -> Path:
-        return self.dir / "config.properties"
-
-    @property
-    def record_file(self) -> Path:
-        return self.dir / "instance.json"
+    tmp_dir = _inside("tmp")  # TorchServe's TMPDIR: PID file, worker sockets
+    log_dir = _inside("logs")
+    log_file = _inside("logs", "ts.log")
+    key_file = _inside("key_file.json")  # written by TorchServe into its working directory
+    config_file = _inside("config.properties")
+    record_file = _inside("instance.json")
 
 
 @dataclass(frozen=True)
