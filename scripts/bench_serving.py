@@ -22,7 +22,7 @@ from pathlib import Path
 from serving import MODEL_NAME, REPO
 from serving.bench import measure, render
 from serving.docblock import command, write_block
-from serving.images import test_set_pngs
+from serving.images import fashion_test_pngs
 from serving.server import InputError, ServeError, exit_status
 
 DOC = REPO / "docs" / "serving.md"
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from training.data import DataError
 
         try:
-            bodies = test_set_pngs(args.data, 200)
+            bodies = fashion_test_pngs(args.data, 200)
         except (DataError, FileNotFoundError) as err:
             raise InputError(f"{err}; run `python -m training.data`") from None
         with tempfile.TemporaryDirectory(prefix="bench-serving-") as scratch:

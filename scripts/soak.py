@@ -29,7 +29,7 @@ from pathlib import Path
 from serving import MODEL_NAME, REPO
 from serving.client import Client
 from serving.docblock import command, write_block
-from serving.images import noise_pngs, test_set_pngs
+from serving.images import fashion_test_pngs, noise_pngs
 from serving.server import ANY_PORTS, InputError, Instance, ServeError, exit_status, start, stop
 from serving.soak import SoakResult, render, soak
 
@@ -45,7 +45,7 @@ def load_bodies(data: Path | None) -> list[bytes]:
     from training.data import DataError
 
     try:
-        return test_set_pngs(data, IMAGES)
+        return fashion_test_pngs(data, IMAGES)
     except (DataError, FileNotFoundError) as exc:
         raise InputError(f"{exc}; run `python -m training.data` or pass --synthetic-images") from None
 

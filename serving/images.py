@@ -1,8 +1,11 @@
 """Image bodies for the tests and benchmarks: arrays encoded as files, and sets of request bodies.
 
-from serving.images import encode, test_set_pngs
-body = encode(np.zeros((28, 28), np.uint8))                 # a black 28x28 PNG
-bodies = test_set_pngs(REPO / "data", 256)                  # real test images, or DataError
+    from serving.images import encode, fashion_test_pngs
+    body = encode(np.zeros((28, 28), np.uint8))          # a black 28x28 PNG
+    bodies = fashion_test_pngs(REPO / "data", 256)       # real test images, or DataError
+
+The benchmarks, the soak and the tests build their request bodies here, so every one of them sends
+images encoded the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def noise_pngs(count: int, size: int = 28, seed: int = 0) -> list[bytes]:
     return [encode(rng.integers(0, 256, (size, size), dtype=np.uint8)) for _ in range(count)]
 
 
-def test_set_pngs(data: Path, count: int) -> list[bytes]:
+def fashion_test_pngs(data: Path, count: int) -> list[bytes]:
     """The first `count` images of the processed test split under `data` (`python -m training.data`),
     as PNG bodies. Raises training.data.DataError (or FileNotFoundError) when the split is missing."""
     from training.data import load_split  # torch-heavy: only for callers that need real images

@@ -1,7 +1,10 @@
 """`wait_for`: poll a check until it yields a result, with a deadline that names what was awaited.
 
-from serving.waiting import wait_for
-port = wait_for(lambda: read_port(), timeout=30, what="the published port")
+    from serving.waiting import wait_for
+    port = wait_for(lambda: read_port(), timeout=30, what="the published port")
+
+The one way the library and the tests wait for something that happens asynchronously (a server
+answering, a log line arriving, a worker restarting), never with a fixed sleep.
 """
 
 from __future__ import annotations
