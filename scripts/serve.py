@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from serving import MODEL_NAME, REPO
-from serving.client import Client, RequestFailed
+from serving.client import Client, KeyRefused, RequestFailed
 from serving.server import (
     DEFAULT_PORTS,
     DEFAULT_STATE_ROOT,
@@ -146,7 +146,7 @@ def cmd_predict(args: argparse.Namespace, instance: Instance) -> int:
         try:
             labels = client.predict(path.read_bytes(), args.model, args.top_k).predictions
         except RequestFailed as err:
-            if err.status not in (400, 413):
+            if err.status not in (400, 413) or isinstance(err, KeyRefused):
                 raise  # not about this image: no model, no worker, a bad key
             labels, answer = (), [f"HTTP {err.status} {err.kind}: {err.detail}"]
         else:

@@ -9,9 +9,10 @@
         print(err.status, err.body)                   # e.g. 413 {"error": "image_too_large", ...}
 
 Errors: `RequestFailed` (a ServeError) for every answer that is not 2xx, carrying the HTTP status
-and the server's JSON body; `ServeError` alone when no answer came (server down, timeout, wrong key
-file). `Client.call` sends any authorised request and returns the raw `requests.Response`, for
-callers (tests) that look at the status themselves.
+and the server's JSON body (its subclass `KeyRefused` when the server refused the key);
+`ServeError` alone when no answer came (server down, timeout, unreadable key file). `Client.call`
+sends any authorised request and returns the raw `requests.Response` whatever its status (except
+a refused key), for callers (tests) that look at the status themselves.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class RequestFailed(ServeError):
         self.kind, self.detail = error_fields(resp)
         message = f"{what}: HTTP {self.status} {self.kind} {self.detail}".rstrip()
         super().__init__(f"{message}{'; ' + hint if hint else ''}")
+
+
+class KeyRefused(RequestFailed):
+    """TorchServe refused the key (400 InvalidKeyException): the key file belongs to another server
+    run, or the wrong file was given. Raised by every call, whatever it asked for."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ class Client:
         except requests.Timeout:
             raise ServeError(f"{method} {url} got no answer within {self.timeout:.0f}s") from None
         if resp.status_code == 400 and error_fields(resp)[0] == "InvalidKeyException":
-            raise RequestFailed(
+            raise KeyRefused(
                 f"the server refused the {api} key from {self.key_file}",
                 resp,
                 "the key file belongs to another server run (restart with `python -m scripts.serve stop` "
