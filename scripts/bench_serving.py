@@ -43,10 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cmdline = command(["python", "-m", "scripts.bench_serving"], argv if argv is not None else sys.argv[1:])
     try:
-        if shutil.which("ab") is None:
-            raise InputError("ab not found: install apache2-utils (`scripts/setup.sh --dev`)")
         if not (args.model_store / f"{MODEL_NAME}.mar").is_file():
             raise InputError(f"{args.model_store}/{MODEL_NAME}.mar not found: run `python -m archive.build`")
+        if shutil.which("ab") is None:
+            raise InputError("ab not found: install apache2-utils (`scripts/setup.sh --dev`)")
         from training.data import DataError
 
         try:
