@@ -37,6 +37,7 @@ from serving.server import (
     start,
     stop,
 )
+from serving.tsconfig import TARGETS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -78,7 +79,7 @@ def format_table(header: Sequence[str], rows: Sequence[tuple[Sequence[str], bool
 
 def cmd_start(args: argparse.Namespace, instance: Instance) -> int:
     ports = {name: getattr(args, f"{name}_port") for name in DEFAULT_PORTS}
-    server = start(instance, args.model_store, ports, timeout=args.timeout)
+    server = start(instance, args.model_store, ports, timeout=args.timeout, target=args.target)
     print(f"TorchServe instance {instance.name!r} is ready (pid {server.pid})")
     print(f"  inference   {server.url('inference')}   management {server.url('management')}")
     print(f"  metrics     {server.url('metrics')}/metrics")
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("start", help="start TorchServe and wait until it answers /ping")
     p.add_argument("--model-store", type=Path, default=REPO / "model_store", help="default: model_store/")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument(
+        "--target", choices=TARGETS, default="local",
+        help="run this target's TorchServe settings (serving.tsconfig), on loopback (default: local)",
+    )  # fmt: skip
     for name in DEFAULT_PORTS:
         p.add_argument(
             f"--{name.replace('_', '-')}-port", type=int, default=env_port(name),

@@ -25,7 +25,15 @@ from typing import Any
 import requests
 
 from serving import MODEL_NAME
-from serving.server import START_HINT, Instance, ServeError, read_keys, read_record, server_process
+from serving.server import (
+    START_HINT,
+    Instance,
+    ServeError,
+    read_keys,
+    read_record,
+    server_process,
+    tokens_enabled,
+)
 
 # Renew a key this long before TorchServe's own expiry, so a request never races it.
 KEY_RENEW_MARGIN = timedelta(seconds=30)
@@ -108,7 +116,8 @@ class Client:
         server = read_record(instance)
         if server is None or server_process(server) is None:
             raise ServeError(f"TorchServe instance {instance.name!r} is not running: {START_HINT}")
-        return cls(server.url("inference"), server.url("management"), instance.key_file, timeout)
+        key_file = instance.key_file if tokens_enabled(instance) else None
+        return cls(server.url("inference"), server.url("management"), key_file, timeout)
 
     def key(self, api: str) -> str | None:
         """The current key for "inference" or "management", renewed if it has expired."""

@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,18 +150,33 @@ def log_tail(instance: Instance, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def instance_config(ports: dict[str, int]) -> str:
-    """The local target's config.properties with this instance's listeners."""
-    return tsconfig.render(
-        "local",
-        {
-            "inference_address": f"http://{HOST}:{ports['inference']}",
-            "management_address": f"http://{HOST}:{ports['management']}",
-            "metrics_address": f"http://{HOST}:{ports['metrics']}",
-            "grpc_inference_port": str(ports["grpc_inference"]),
-            "grpc_management_port": str(ports["grpc_management"]),
-        },
+def instance_config(
+    ports: dict[str, int], target: str = "local", settings: Mapping[str, str] | None = None
+) -> str:
+    """The config.properties of `target` (serving.tsconfig) with this instance's listeners, all on
+    loopback whatever the target binds, and then `settings`, which apply to this instance only."""
+    listeners = {
+        "inference_address": f"http://{HOST}:{ports['inference']}",
+        "management_address": f"http://{HOST}:{ports['management']}",
+        "metrics_address": f"http://{HOST}:{ports['metrics']}",
+        "grpc_inference_address": HOST,
+        "grpc_management_address": HOST,
+        "grpc_inference_port": str(ports["grpc_inference"]),
+        "grpc_management_port": str(ports["grpc_management"]),
+    }
+    text = tsconfig.render(target, listeners)
+    return (
+        tsconfig.override(text, settings, "This instance only (serving.server.start).") if settings else text
     )
+
+
+def tokens_enabled(instance: Instance) -> bool:
+    """Whether the instance runs with TorchServe's token authorization on (the pod's config turns it
+    off: then there is no key file, and requests carry no key)."""
+    if not instance.config_file.is_file():
+        return True
+    config = tsconfig.parse_properties(instance.config_file.read_text(encoding="utf-8"))
+    return config.get("disable_token_authorization", "false").lower() != "true"
 
 
 def check_ports_free(ports: dict[str, int]) -> None:
@@ -194,10 +210,17 @@ def check_prerequisites(instance: Instance, model_store: Path) -> None:
 
 
 def start(
-    instance: Instance, model_store: Path, ports: dict[str, int] | None = None, timeout: float = 120.0
+    instance: Instance,
+    model_store: Path,
+    ports: dict[str, int] | None = None,
+    timeout: float = 120.0,
+    target: str = "local",
+    settings: Mapping[str, str] | None = None,
 ) -> Server:
     """Start TorchServe for `instance` and return once /ping answers 200.
 
+    It runs the config of `target` ("local", or the container's or the pod's, to test what ships)
+    on loopback listeners, plus `settings` for this instance only (see instance_config).
     Raises ServeError if it is already running, cannot start, or is not ready within `timeout`
     seconds (then it is stopped again and the last log lines are in the message).
     """
@@ -219,7 +242,11 @@ def start(
         directory.mkdir(parents=True, exist_ok=True)
     if instance.log_file.exists():  # keep the previous run's log; ts.log is this run's alone
         instance.log_file.replace(instance.log_file.with_suffix(".log.1"))
-    instance.config_file.write_text(instance_config(ports), encoding="utf-8")
+    try:
+        config = instance_config(ports, target, settings)
+    except tsconfig.ConfigError as err:
+        raise InputError(str(err)) from None
+    instance.config_file.write_text(config, encoding="utf-8")
 
     env = {k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"}  # it would override --ts-config
     # TMPDIR: the launcher's PID file; TEMP: the JVM's java.io.tmpdir, where worker sockets go.
@@ -259,6 +286,7 @@ def start(
 
 def wait_ready(instance: Instance, server: Server, timeout: float) -> None:
     """Poll until /ping answers "Healthy" with the inference key; fail early if the JVM dies."""
+    tokens = tokens_enabled(instance)
 
     def healthy() -> bool:
         # A JVM that failed to bind logs "Torchserve stopped." but does not exit.
@@ -266,13 +294,13 @@ def wait_ready(instance: Instance, server: Server, timeout: float) -> None:
             raise ServeError(
                 f"TorchServe failed to start; last lines of {instance.log_file}:\n{log_tail(instance)}"
             )
-        if not instance.key_file.is_file():
-            return False
-        key = read_keys(instance.key_file)["inference"]["key"]
+        headers = {}
+        if tokens:
+            if not instance.key_file.is_file():
+                return False
+            headers["Authorization"] = f"Bearer {read_keys(instance.key_file)['inference']['key']}"
         try:
-            resp = requests.get(
-                server.url("inference") + "/ping", headers={"Authorization": f"Bearer {key}"}, timeout=5
-            )
+            resp = requests.get(server.url("inference") + "/ping", headers=headers, timeout=5)
             return resp.ok and resp.json().get("status") == "Healthy"
         except (requests.RequestException, ValueError):
             return False  # not listening yet, or answering before it is ready

@@ -102,6 +102,14 @@ def render(target: str, extra: Mapping[str, str] | None = None, source: Path = S
     return "\n".join(parts)
 
 
+def override(text: str, settings: Mapping[str, str], why: str) -> str:
+    """`text` with `settings` in place of its own entries for those keys, under the comment `why`.
+    For one server only (a test of the other decode mode, say), never for a committed target: those
+    change only through the source files, within OVERRIDABLE."""
+    lines = "".join(f"{key}={value}\n" for key, value in settings.items())
+    return f"{_without(text, set(settings))}\n# {why}\n{lines}"
+
+
 def stale(source: Path = SOURCE) -> list[Path]:
     """The committed rendered files that differ from their render."""
     return [

@@ -461,3 +461,25 @@ def test_served_classes_match_offline_evaluation_on_the_whole_test_set(
             f"offline accuracy {(offline == labels).float().mean():.4f}"
         )
     assert (served != offline).nonzero().flatten().tolist() == []
+
+
+# --- what ships -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("target", "tokens"), [("container", True), ("pod", False)])
+def test_the_shipped_configs_serve_on_loopback(
+    tmp_path: Path, mar_file: Path, test_split: Split, target: str, tokens: bool
+) -> None:
+    """The container's and the pod's TorchServe settings, run locally: the model they load at start
+    answers, with a key only where token authorization is on."""
+    instance = Instance(target, tmp_path)
+    start(instance, mar_file.parent, ANY_PORTS, target=target)
+    try:
+        client = Client.for_instance(instance)
+        assert (client.key_file is not None, instance.key_file.is_file()) == (tokens, tokens)
+        wait_for(lambda: client.models(), 60, f"the {target} config to load its model at start")
+        assert client.predict(first_pngs(test_split, 1)[0]).model == MODEL
+        config = parse_properties(instance.config_file.read_text())
+        assert config["vmargs"] == parse_properties(render("local"))["vmargs"]
+    finally:
+        stop(instance)

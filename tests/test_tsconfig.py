@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from serving import REPO
-from serving.tsconfig import COMMITTED, SOURCE, TARGETS, ConfigError, parse_properties, render
+from serving.tsconfig import COMMITTED, SOURCE, TARGETS, ConfigError, override, parse_properties, render
 
 BASE = parse_properties((SOURCE / "base.properties").read_text(encoding="utf-8"))
 # What each target may change, and must: written out here rather than read from serving.tsconfig,
@@ -128,3 +128,9 @@ def test_cli_check_passes_on_the_committed_files_and_refuses_bad_usage() -> None
     printed = run("--print", "pod")
     assert printed.returncode == 0 and printed.stdout == render("pod")
     assert run("--print", "laptop").returncode == 2
+
+
+def test_instance_settings_replace_their_keys_once() -> None:
+    text = override(render("local"), {"decode_input_request": "true"}, "the other decode mode")
+    assert parse_properties(text)["decode_input_request"] == "true"
+    assert text.count("decode_input_request=") == 1 and "# the other decode mode" in text
