@@ -39,6 +39,7 @@ from serving.server import ANY_PORTS, Instance, ServeError, read_record, running
 from serving.tsconfig import parse_properties, render
 from serving.waiting import wait_for
 from tests.live_server import inference_headers, offline_probabilities, predictions_url, running_server
+from tests.reliability import random_archive
 from training.data import Split, load_split
 
 pytestmark = pytest.mark.serving
@@ -468,12 +469,12 @@ def test_served_classes_match_offline_evaluation_on_the_whole_test_set(
 
 @pytest.mark.parametrize(("target", "tokens"), [("container", True), ("pod", False)])
 def test_the_shipped_configs_serve_on_loopback(
-    tmp_path: Path, mar_file: Path, test_split: Split, target: str, tokens: bool
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, test_split: Split, target: str, tokens: bool
 ) -> None:
     """The container's and the pod's TorchServe settings, run locally: the model they load at start
     answers, with a key only where token authorization is on."""
     instance = Instance(target, tmp_path)
-    start(instance, mar_file.parent, ANY_PORTS, target=target)
+    start(instance, random_archive(tmp_path_factory).store, ANY_PORTS, target=target)
     try:
         client = Client.for_instance(instance)
         assert (client.key_file is not None, instance.key_file.is_file()) == (tokens, tokens)
