@@ -11,7 +11,7 @@
 - the Vertex AI training job, deploy/vertex/customjob.yaml with example values in its placeholders,
   must match deploy/schemas/vertex-customjobspec-v1.json.
 
-The pre-commit hook `kubernetes-manifests` runs this (so `make test` does); tests/test_deploy.py
+The pre-commit hook `kubernetes-manifests` runs this (so `make test` does); tests/test_deploy_manifests.py
 checks with these same functions that each gate rejects a broken manifest.
 """
 

@@ -116,7 +116,7 @@ def broken_repo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
 def test_every_hook_is_exercised() -> None:
     config = yaml.safe_load((REPO / ".pre-commit-config.yaml").read_text(encoding="utf-8"))
     hooks = {hook["id"] for repo in config["repos"] for hook in repo["hooks"]}
-    # kubernetes-manifests checks this checkout's deploy/; tests/test_deploy.py breaks its gates.
+    # kubernetes-manifests checks this checkout's deploy/; tests/test_deploy_manifests.py breaks its gates.
     assert hooks - {"kubernetes-manifests"} == set(BROKEN)
     assert all(repo["repo"] == "local" for repo in config["repos"]), "a remote hook needs the network"
 
