@@ -24,6 +24,7 @@ from serving.bench import measure, render
 from serving.docblock import command, write_block
 from serving.images import fashion_test_pngs
 from serving.server import InputError, ServeError, exit_status
+from training.cli import DATA_DIR, MODEL_STORE
 
 DOC = REPO / "docs" / "serving.md"
 
@@ -32,10 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.bench_serving", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
-    parser.add_argument(
-        "--data", type=Path, default=REPO / "data", help="processed data (training.data --out)"
-    )
+    parser.add_argument("--model-store", type=Path, default=MODEL_STORE)
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help="processed data (training.data --out)")
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests for latency")
     parser.add_argument("--ab-requests", type=int, default=5000, help="requests for the ab throughput run")
     parser.add_argument("--cold-runs", type=int, default=3)

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from serving import MODEL_NAME, REPO
+from serving import MODEL_NAME
 from serving.client import Client, KeyRefused, RequestFailed
 from serving.server import (
     DEFAULT_PORTS,
@@ -38,6 +38,7 @@ from serving.server import (
     stop,
 )
 from serving.tsconfig import TARGETS
+from training.cli import MODEL_STORE
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("start", help="start TorchServe and wait until it answers /ping")
-    p.add_argument("--model-store", type=Path, default=REPO / "model_store", help="default: model_store/")
+    p.add_argument("--model-store", type=Path, default=MODEL_STORE, help="default: model_store/")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
     p.add_argument(
         "--target", choices=TARGETS, default="local",

@@ -32,6 +32,7 @@ from serving.docblock import command, write_block
 from serving.images import fashion_test_pngs, noise_pngs
 from serving.server import ANY_PORTS, InputError, Instance, ServeError, exit_status, start, stop
 from serving.soak import SoakResult, render, soak
+from training.cli import DATA_DIR, MODEL_STORE
 
 DOC = REPO / "docs" / "reliability.md"
 FIGURE = REPO / "docs" / "figures" / "soak_rss.png"
@@ -75,8 +76,8 @@ def plot(result: SoakResult, figure: Path, title: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scripts.soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
-    parser.add_argument("--data", type=Path, default=REPO / "data", help="processed data (training.data)")
+    parser.add_argument("--model-store", type=Path, default=MODEL_STORE)
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help="processed data (training.data)")
     parser.add_argument(
         "--synthetic-images", action="store_true", help="random-noise PNGs instead of the test set"
     )

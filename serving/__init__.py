@@ -11,9 +11,11 @@ command lines, and the tests import it directly.
     waiting    `wait_for`, the one way to poll for a condition
 """
 
-from pathlib import Path
+# Default paths come from the repository root, as for every stage's command line (training.cli),
+# never from the working directory.
+from training.cli import REPO_ROOT as REPO
 
-# Every default path of the serving commands is resolved from here, never from the working directory.
-REPO = Path(__file__).resolve().parent.parent
+__all__ = ["MODEL_NAME", "REPO"]
+
 # The name the archive registers under, and the URL path /predictions/<MODEL_NAME>.
 MODEL_NAME = "fashion_mnist"
