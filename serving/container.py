@@ -3,8 +3,9 @@
     from serving.container import hardened_flags
     subprocess.run(["docker", "run", "--detach", *hardened_flags(), "fashion-mnist-serve:dev"])
 
-Used by the container benchmark (scripts/bench_container.py: cold start, memory, image size) and
-the container tests, so both start the image exactly as the cluster would.
+Used by the container benchmarks (`python -m scripts.bench_container`: cold start, memory, image
+size; `python -m scripts.bench_container_memory`: memory under load) and the container tests, so
+all of them start the image exactly as the cluster would.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ kubelet would: a holder container owns the network namespace and publishes the p
 (Kubernetes' pause container), and every container of the rendered Deployment joins it with the
 args, env, volumes, user, memory limit and securityContext the manifest gives it. `Pod` does that
 and runs the manifest's probes and preStop hooks against the result, so a manifest that drifts
-from the image fails here. Used by tests/test_container.py, test_proxy.py and test_deploy.py;
+from the image fails here. Used by tests/test_container.py, test_proxy.py and test_deploy_pod.py;
 `hardened_flags` (GKE's hardening as `docker run` flags) comes from serving/container.py, which the
 container benchmark uses too.
 """
