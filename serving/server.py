@@ -151,10 +151,14 @@ def log_tail(instance: Instance, lines: int = 15) -> str:
 
 
 def instance_config(
-    ports: dict[str, int], target: str = "local", settings: Mapping[str, str] | None = None
+    ports: dict[str, int],
+    target: str = "local",
+    settings: Mapping[str, str] | None = None,
+    config: str | None = None,
 ) -> str:
-    """The config.properties of `target` (serving.tsconfig) with this instance's listeners, all on
-    loopback whatever the target binds, and then `settings`, which apply to this instance only."""
+    """The config.properties of `target` (serving.tsconfig), or the properties text `config` when
+    given, with this instance's listeners, all on loopback whatever the target binds, and then
+    `settings`, which apply to this instance only."""
     listeners = {
         "inference_address": f"http://{HOST}:{ports['inference']}",
         "management_address": f"http://{HOST}:{ports['management']}",
@@ -164,7 +168,10 @@ def instance_config(
         "grpc_inference_port": str(ports["grpc_inference"]),
         "grpc_management_port": str(ports["grpc_management"]),
     }
-    text = tsconfig.render(target, listeners)
+    if config is None:
+        text = tsconfig.render(target, listeners)
+    else:
+        text = tsconfig.override(config, listeners, "This instance's listeners (serving.server.start).")
     return (
         tsconfig.override(text, settings, "This instance only (serving.server.start).") if settings else text
     )
@@ -216,11 +223,13 @@ def start(
     timeout: float = 120.0,
     target: str = "local",
     settings: Mapping[str, str] | None = None,
+    config: str | None = None,
 ) -> Server:
     """Start TorchServe for `instance` and return once /ping answers 200.
 
     It runs the config of `target` ("local", or the container's or the pod's, to test what ships)
-    on loopback listeners, plus `settings` for this instance only (see instance_config).
+    on loopback listeners, plus `settings` for this instance only; or the properties text `config`
+    (see instance_config).
     Raises ServeError if it is already running, cannot start, or is not ready within `timeout`
     seconds (then it is stopped again and the last log lines are in the message).
     """
@@ -243,10 +252,10 @@ def start(
     if instance.log_file.exists():  # keep the previous run's log; ts.log is this run's alone
         instance.log_file.replace(instance.log_file.with_suffix(".log.1"))
     try:
-        config = instance_config(ports, target, settings)
+        text = instance_config(ports, target, settings, config)
     except tsconfig.ConfigError as err:
         raise InputError(str(err)) from None
-    instance.config_file.write_text(config, encoding="utf-8")
+    instance.config_file.write_text(text, encoding="utf-8")
 
     env = {k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"}  # it would override --ts-config
     # TMPDIR: the launcher's PID file; TEMP: the JVM's java.io.tmpdir, where worker sockets go.

@@ -27,7 +27,8 @@ from archive.selfcheck import metrics_cache
 from handler.fashion_handler import FashionMNISTHandler
 from handler.meta import ModelMeta
 from model import FashionCNN
-from scripts import serve
+from serving.client import Client
+from serving.server import Instance
 from training import data as data_mod
 from training.config import register_configs
 from training.data import CLASSES
@@ -196,8 +197,8 @@ class Served:
     """A running server: a local variant of one target's config (tests.reliability.TARGET_CONFIGS)."""
 
     target: str
-    instance: serve.Instance
-    client: serve.Client
+    instance: Instance
+    client: Client
     export: Path  # the random-weights export its archive holds (for offline answers)
     worker_decodes: bool  # decode_input_request is on: the worker parses JSON and text bodies itself
 
@@ -213,7 +214,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     archive = random_archive(tmp_path_factory, BATCHING)
     config = TARGET_CONFIGS[request.param]()
     with serving_store_copy(tmp_path_factory, archive, request.param, config=config) as instance:
-        client = serve.Client.for_instance(instance)
+        client = Client.for_instance(instance)
         described = client.describe()[0]
         assert (described["batchSize"], described["maxBatchDelay"]) == (BATCH_SIZE, BATCH_DELAY_MS), described
         decodes = (property_value(config, "decode_input_request") or "true").lower() == "true"
@@ -223,7 +224,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def offline(served: Served) -> Callable[[bytes], torch.Tensor]:
     """image bytes -> the served export's class probabilities, evaluated in-process (cached)."""
-    from tests.serving import offline_probabilities
+    from tests.live_server import offline_probabilities
 
     cache: dict[bytes, torch.Tensor] = {}
 

@@ -18,7 +18,6 @@ import json
 import re
 import shutil
 import socket
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,21 +27,26 @@ from typing import Any, BinaryIO
 import pytest
 
 from archive.build import ServingConfig, build
-from scripts import serve
+from serving import MODEL_NAME
+from serving.client import Client
+from serving.server import ANY_PORTS, Instance, start, stop
+from serving.tsconfig import override, render
+from serving.waiting import wait_for
 from tests.conftest import make_random_export
 
-REPO = Path(__file__).resolve().parent.parent
-ANY_PORTS = dict.fromkeys(serve.DEFAULT_PORTS, 0)
-# The TorchServe settings of each place the model is served, as properties text. The reliability
-# suites run a local variant of each (`local_variant`); "local-worker-decodes" is the local file
-# with TorchServe's default decode_input_request=true, the other mode a worker can run in.
+# The TorchServe settings of each place the model is served, as properties text (serving.tsconfig's
+# render of each target). The reliability suites run a local variant of each (`local_variant`);
+# "local-worker-decodes" is the local target with TorchServe's default decode_input_request=true,
+# the other mode a worker can run in.
 TARGET_CONFIGS: dict[str, Callable[[], str]] = {
-    "local": lambda: (REPO / "config.properties").read_text(encoding="utf-8"),
-    "local-worker-decodes": lambda: TARGET_CONFIGS["local"]() + "\ndecode_input_request=true\n",
-    "container": lambda: (REPO / "docker" / "config.properties").read_text(encoding="utf-8"),
-    "pod": lambda: (REPO / "deploy/base/torchserve/config.properties").read_text(encoding="utf-8"),
+    "local": lambda: render("local"),
+    "local-worker-decodes": lambda: override(
+        render("local"), {"decode_input_request": "true"}, "tests: the worker decodes bodies"
+    ),
+    "container": lambda: render("container"),
+    "pod": lambda: render("pod"),
 }
-PREDICT_PATH = f"/predictions/{serve.MODEL_NAME}"
+PREDICT_PATH = f"/predictions/{MODEL_NAME}"
 # Lines that mean the server or a worker hit something unexpected; bad input must never cause them.
 # The handler logs "unforeseen failure" for an input it did not foresee (answered 400 on its own).
 TROUBLE = ("Invoking custom service failed", "Backend worker process died", " ERROR ", "unforeseen failure")
@@ -66,7 +70,7 @@ def random_archive(
     store = base / ("random-archive" if serving is None else f"random-archive-{abs(hash(serving))}") / "store"
     if not (export / "model.pt").is_file():
         make_random_export(export)
-    if not (store / f"{serve.MODEL_NAME}.mar").is_file():
+    if not (store / f"{MODEL_NAME}.mar").is_file():
         build(export, store, config=serving)
     return RandomArchive(export, store)
 
@@ -80,9 +84,9 @@ def property_value(properties: str, name: str) -> str | None:
 def local_variant(properties: str, store: Path) -> str:
     """A target's TorchServe settings made runnable here, everything else kept: this run's model store.
 
-    serve.start appends loopback addresses on free ports and runs the server in its own state dir.
+    serving.server.start sets loopback addresses on free ports and runs the server in its own state dir.
     """
-    return properties + f"\n# --- tests: this run's private model store ---\nmodel_store={store}\n"
+    return override(properties, {"model_store": str(store)}, "tests: this run's private model store")
 
 
 @contextlib.contextmanager
@@ -92,7 +96,7 @@ def serving_store_copy(
     name: str,
     config: str | None = None,
     **register: Any,
-) -> Iterator[serve.Instance]:
+) -> Iterator[Instance]:
     """A running server with the model loaded; its store is a private copy tests may add archives to.
 
     `config`: a target's properties text (`TARGET_CONFIGS`), run as its `local_variant` (default: the
@@ -100,28 +104,18 @@ def serving_store_copy(
     registration, as in its target; otherwise the model is registered with `register`.
     """
     store = tmp_path_factory.mktemp("store")
-    shutil.copyfile(archive.store / f"{serve.MODEL_NAME}.mar", store / f"{serve.MODEL_NAME}.mar")
-    instance = serve.Instance(name, tmp_path_factory.mktemp("serve"))
-    serve.start(instance, store, ANY_PORTS, config=None if config is None else local_variant(config, store))
+    shutil.copyfile(archive.store / f"{MODEL_NAME}.mar", store / f"{MODEL_NAME}.mar")
+    instance = Instance(name, tmp_path_factory.mktemp("serve"))
+    start(instance, store, ANY_PORTS, config=None if config is None else local_variant(config, store))
     try:
-        client = serve.Client.for_instance(instance)
+        client = Client.for_instance(instance)
         if config is None or property_value(config, "load_models") is None:
             client.register(**register)
         else:
-            assert wait_for(lambda: worker_pids(client), timeout=120), "load_models started no worker"
+            wait_for(lambda: worker_pids(client), 120, "a worker of the model load_models names")
         yield instance
     finally:
-        serve.stop(instance)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll `condition()` until it returns something truthy (returned) or `timeout` seconds pass (None)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
+        stop(instance)
 
 
 # --- requests and responses on the wire ----------------------------------------------------------
@@ -233,7 +227,7 @@ def exchange_all(
 # --- server state ------------------------------------------------------------------------------------
 
 
-def worker_pids(client: serve.Client, model: str = serve.MODEL_NAME) -> dict[str, int]:
+def worker_pids(client: Client, model: str = MODEL_NAME) -> dict[str, int]:
     """Worker id -> PID of the model's workers that are READY (from the management API)."""
     return {
         worker["id"]: worker["pid"]
@@ -243,7 +237,7 @@ def worker_pids(client: serve.Client, model: str = serve.MODEL_NAME) -> dict[str
     }
 
 
-def settle_log(client: serve.Client, log_file: Path, batch_size: int = 1) -> str:
+def settle_log(client: Client, log_file: Path, batch_size: int = 1) -> str:
     """The whole server log, once everything the worker printed so far has reached it.
 
     A worker writes its log lines to one stdout stream that the JVM copies into the log in order.
@@ -264,7 +258,7 @@ def settle_log(client: serve.Client, log_file: Path, batch_size: int = 1) -> str
         text = log_file.read_text(errors="replace")
         return all(marker in text for marker in markers)
 
-    assert wait_for(arrived), f"the rejections of {markers} never reached {log_file}"
+    wait_for(arrived, 30, f"the rejections of {markers} to reach {log_file}")
     return log_file.read_text(errors="replace")
 
 

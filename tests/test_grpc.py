@@ -24,9 +24,10 @@ import pytest
 import torch
 from grpc_tools import protoc
 
-from scripts import serve
+from serving import MODEL_NAME
+from serving.images import encode as png_bytes
+from serving.server import HOST, read_record
 from tests.conftest import BATCH_SIZE, Served
-from tests.serving import png_bytes
 
 PROTO_DIR = Path(__file__).resolve().parent.parent / "serving" / "proto"
 GOOD = [
@@ -51,10 +52,9 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Module
 
 @pytest.fixture(scope="module")
 def channels(served: Served) -> Iterator[dict[str, grpc.Channel]]:
-    ports = serve.read_record(served.instance).ports
+    ports = read_record(served.instance).ports
     opened = {
-        api: grpc.insecure_channel(f"{serve.HOST}:{ports[f'grpc_{api}']}")
-        for api in ("inference", "management")
+        api: grpc.insecure_channel(f"{HOST}:{ports[f'grpc_{api}']}") for api in ("inference", "management")
     }
     yield opened
     for channel in opened.values():
@@ -73,7 +73,7 @@ def bearer(key: str | None) -> list[tuple[str, str]]:
 def predict(
     stubs: dict[str, ModuleType], inference: Any, served: Served, inputs: dict[str, bytes]
 ) -> grpc.Future:
-    request = stubs["inference_pb2"].PredictionsRequest(model_name=serve.MODEL_NAME, input=inputs)
+    request = stubs["inference_pb2"].PredictionsRequest(model_name=MODEL_NAME, input=inputs)
     return inference.Predictions.future(
         request, metadata=bearer(served.client.key("inference")), timeout=TIMEOUT
     )
@@ -103,7 +103,7 @@ def test_ping_answers_healthy_with_the_inference_key(stubs, inference, served: S
 def test_calls_without_the_right_key_are_refused(stubs, inference, served: Served, metadata) -> None:
     if metadata == "management":
         metadata = bearer(served.client.key("management"))  # the other API's key
-    request = stubs["inference_pb2"].PredictionsRequest(model_name=serve.MODEL_NAME, input={"data": GOOD[0]})
+    request = stubs["inference_pb2"].PredictionsRequest(model_name=MODEL_NAME, input={"data": GOOD[0]})
     with pytest.raises(grpc.RpcError) as refused:
         inference.Predictions(request, metadata=metadata, timeout=TIMEOUT)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -157,10 +157,10 @@ def test_register_model_is_refused_without_the_management_key(
 ) -> None:
     management = stubs["management_pb2_grpc"].ManagementAPIsServiceStub(channels["management"])
     request = stubs["management_pb2"].RegisterModelRequest(
-        url=f"{serve.MODEL_NAME}.mar", model_name="intruder", initial_workers=1, synchronous=True
+        url=f"{MODEL_NAME}.mar", model_name="intruder", initial_workers=1, synchronous=True
     )
     metadata = [] if key is None else bearer(served.client.key(key))
     with pytest.raises(grpc.RpcError) as refused:
         management.RegisterModel(request, metadata=metadata, timeout=TIMEOUT)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert [model["modelName"] for model in served.client.models()] == [serve.MODEL_NAME]
+    assert [model["modelName"] for model in served.client.models()] == [MODEL_NAME]

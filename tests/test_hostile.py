@@ -34,7 +34,9 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts import serve
+from serving.client import Client
+from serving.images import encode as png_bytes
+from serving.tsconfig import parse_properties, render
 from tests.conftest import BATCH_DELAY_MS, BATCH_SIZE, Served
 from tests.reliability import (
     PREDICT_PATH,
@@ -46,9 +48,8 @@ from tests.reliability import (
     trouble,
     worker_pids,
 )
-from tests.serving import png_bytes
 
-MAX_REQUEST_SIZE = int(re.search(r"^max_request_size=(\d+)$", serve.CONFIG_FILE.read_text(), re.M).group(1))
+MAX_REQUEST_SIZE = int(parse_properties(render("local"))["max_request_size"])
 # Distinct good images, so a mixed-up answer cannot go unnoticed.
 GOOD = [
     png_bytes(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)) for seed in range(8)
@@ -309,11 +310,11 @@ KINDS = [
 # --- checks ---------------------------------------------------------------------------------------------
 
 
-def inference_port(client: serve.Client) -> int:
+def inference_port(client: Client) -> int:
     return int(client.urls["inference"].rsplit(":", 1)[1])
 
 
-def good_request(client: serve.Client, image: bytes) -> bytes:
+def good_request(client: Client, image: bytes) -> bytes:
     headers = {"Authorization": f"Bearer {client.key('inference')}", "Content-Type": "image/png"}
     return http_request("POST", PREDICT_PATH, headers, image)
 
@@ -355,7 +356,7 @@ def check_answer(
         assert (body["code"], body["type"]) == (kind.status, kind.error) and body["message"], body
 
 
-def check_healthy(client: serve.Client, pids: dict[str, int], offline: Callable) -> None:
+def check_healthy(client: Client, pids: dict[str, int], offline: Callable) -> None:
     """Same worker PIDs, /ping healthy, a full batch of good images answered right, no trouble logged."""
     assert worker_pids(client) == pids, "a worker was restarted"
     assert client.ping() == {"status": "Healthy"}

@@ -23,7 +23,9 @@ BASE = parse_properties((SOURCE / "base.properties").read_text(encoding="utf-8")
 ADDRESSES = {"inference_address", "management_address", "metrics_address"}
 ALLOWED_CHANGES = {
     "local": set(),
-    "container": ADDRESSES | {"model_store", "load_models", "token_expiration_min", "enable_model_api"},
+    "container": ADDRESSES
+    | {"grpc_inference_address", "grpc_management_address"}
+    | {"model_store", "load_models", "token_expiration_min", "enable_model_api"},
     "pod": {
         "metrics_address",
         "model_store",
@@ -84,6 +86,13 @@ def test_a_full_queue_of_max_size_bodies_fits_in_the_pinned_heap() -> None:
     assert heap and heap.group(1) == heap.group(2), BASE["vmargs"]
     queued_mib = int(BASE["job_queue_size"]) * int(BASE["max_request_size"]) / 2**20
     assert queued_mib + 64 <= int(heap.group(1)), "a full queue of max-size bodies would not fit in the heap"
+
+
+def test_the_pod_keeps_grpc_on_loopback_because_its_tokens_are_off() -> None:
+    pod = parse_properties(render("pod"))
+    assert pod["disable_token_authorization"] == "true"
+    assert pod["grpc_inference_address"] == pod["grpc_management_address"] == "127.0.0.1"
+    assert pod["inference_address"].startswith("http://127.0.0.1:")
 
 
 def test_local_instance_ports_replace_the_base_addresses() -> None:
