@@ -29,12 +29,11 @@ from handler.preprocess import PreprocessSpec, normalize
 from monitoring import detector
 from monitoring.rules import RulesError, Thresholds, reference
 from monitoring.shifts import SHIFTS
-from scripts.bench_serving import write_doc
+from serving.docblock import write_block
 from training.data import DataError, load_split
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "monitoring.md"
-BEGIN, END = "<!-- calibrate:begin -->", "<!-- calibrate:end -->"
 
 
 # Each traffic kind is a chain of (shift, level) from monitoring.shifts, the set robustness uses.
@@ -93,16 +92,15 @@ def render(results: dict[str, list[dict[str, float]]], command: str, size: int) 
     rows = "\n".join(
         f"| {name} | {cell(name, 'psi')} | {cell(name, 'mix')} | {cell(name, 'low')} |" for name in results
     )
-    return f"""{BEGIN}
-Measured on {time.strftime("%Y-%m-%d")} with `{command}`: {len(results["clean"])} windows of {size} test
-images each (the alerts' minimum), median (min-max) per window. Thresholds: PSI {limits.psi},
+    return f"""Measured on {time.strftime("%Y-%m-%d")} with `{command}`:
+{len(results["clean"])} windows of {size} test images each (the alerts' minimum), median (min-max)
+per window. Thresholds: PSI {limits.psi},
 class-mix distance {limits.class_mix}, low-confidence share max({limits.low_confidence_factor} x reference,
 reference + {limits.low_confidence_margin}).
 
 | traffic | worst feature PSI | class-mix distance | low-confidence share |
 |---|---|---|---|
-{rows}
-{END}"""
+{rows}"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         ["python", "-m", "monitoring.calibrate", *(argv if argv is not None else sys.argv[1:])]
     )
-    write_doc(args.doc, render(results, command, size), BEGIN, END)
+    write_block(args.doc, "calibrate", render(results, command, size))
     print(render(results, command, size))
     return 0
 

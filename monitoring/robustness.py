@@ -37,7 +37,7 @@ from handler.preprocess import PreprocessSpec, normalize
 from monitoring import detector
 from monitoring.rules import RulesError, Thresholds, reference
 from monitoring.shifts import SHIFTS
-from scripts.bench_serving import write_doc
+from serving.docblock import write_block
 from training.data import DataError, load_split
 
 matplotlib.use("Agg")  # files only; no display on build machines
@@ -46,7 +46,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "monitoring.md"
 FIGURE = REPO / "docs" / "figures" / "robustness.png"
-MARKERS = ("<!-- robustness:begin -->", "<!-- robustness:end -->")
 BATCH = 1000
 
 
@@ -169,17 +168,16 @@ def render(results: dict[str, Any], command: str, figure: Path, doc: Path) -> st
     link = os.path.relpath(figure, doc.parent)
     table = "\n".join(lines)
     limits = results["thresholds"]
-    return f"""{MARKERS[0]}
-Measured on {time.strftime("%Y-%m-%d")} with `{command}` on {results["images"]} test images of model
-{results["model"]["name"]} {results["model"]["version"]}. "Requests to alert" is the number of such
+    return f"""Measured on {time.strftime("%Y-%m-%d")} with `{command}`
+on {results["images"]} test images of model {results["model"]["name"]} {results["model"]["version"]}.
+"Requests to alert" is the number of such
 requests, in a shuffled order, the rule's window must hold for some feature's PSI to exceed
 {limits["psi"]} from then on, with at least {limits["min_requests"]} requests in the window; "not
 caught" means not over all {results["images"]} requests.
 
 ![Accuracy and PSI under each shift]({link})
 
-{table}
-{MARKERS[1]}"""
+{table}"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_doc:
         args.figure.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(figure, args.figure)
-        write_doc(args.doc, render(results, command, args.figure, args.doc), *MARKERS)
+        write_block(args.doc, "robustness", render(results, command, args.figure, args.doc))
         print(f"updated {args.doc} and {args.figure}")
     return 0
 

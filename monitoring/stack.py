@@ -27,7 +27,7 @@ from typing import Any
 import requests
 import yaml
 
-from scripts import serve
+from serving.server import START_HINT, Instance, read_record
 
 REPO = Path(__file__).resolve().parent.parent
 RULES_FILE = REPO / "monitoring" / "prometheus" / "rules.yml"
@@ -169,11 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prometheus-port", type=int, default=9090)
     parser.add_argument("--alertmanager-port", type=int, default=9093)
     args = parser.parse_args(None if argv is None else list(argv))
-    server = serve.read_record(serve.Instance(args.instance, args.state_dir))
+    server = read_record(Instance(args.instance, args.state_dir))
     if server is None:
-        print(
-            f"error: no TorchServe instance {args.instance!r} is running; {serve.START_HINT}", file=sys.stderr
-        )
+        print(f"error: no TorchServe instance {args.instance!r} is running; {START_HINT}", file=sys.stderr)
         return 1
     target = server.url("metrics").removeprefix("http://")
     stack = Stack(args.work, args.prometheus_port, args.alertmanager_port)

@@ -28,30 +28,32 @@ from typing import Any
 import requests
 
 from handler.monitor import MONITORING_ENV, PREDICTIONS
-from scripts import serve
-from scripts.bench_serving import ANY_PORTS, machine, png, throughput, write_doc
+from serving import MODEL_NAME, REPO
+from serving.bench import ab_throughput as throughput
+from serving.client import Client
+from serving.docblock import machine, write_block
+from serving.images import encode as png
+from serving.server import ANY_PORTS, Instance, ServeError, read_record, start, stop
 from training.data import DataError, load_split
 
-REPO = serve.REPO
 DOC = REPO / "docs" / "monitoring.md"
-BEGIN, END = "<!-- bench_monitoring:begin -->", "<!-- bench_monitoring:end -->"
 CLIENTS = 16
 
 
 def one_run(store: Path, image: Path, setting: str, ab_requests: int, scratch: Path) -> float:
     """Requests per second of a fresh server with monitoring `setting`; checks the setting took."""
     os.environ[MONITORING_ENV] = setting
-    instance = serve.Instance("bench-monitoring", scratch)
-    serve.start(instance, store, ANY_PORTS)
+    instance = Instance("bench-monitoring", scratch)
+    start(instance, store, ANY_PORTS)
     try:
-        client = serve.Client.for_instance(instance)
+        client = Client.for_instance(instance)
         client.register()
         throughput(client, image, 500, CLIENTS)  # warm-up: JIT profiling, JVM, connection pools
         result = throughput(client, image, ab_requests, CLIENTS)
-        metrics = requests.get(f"{serve.read_record(instance).url('metrics')}/metrics", timeout=10).text
+        metrics = requests.get(f"{read_record(instance).url('metrics')}/metrics", timeout=10).text
         client.close()
     finally:
-        serve.stop(instance)
+        stop(instance)
     if (f"{PREDICTIONS}{{" in metrics) != (setting == "on"):  # samples, not just the declared family
         state = "lacks" if setting == "on" else "has"
         raise SystemExit(f"{MONITORING_ENV}={setting} did not take: /metrics {state} {PREDICTIONS}")
@@ -63,8 +65,7 @@ def one_run(store: Path, image: Path, setting: str, ab_requests: int, scratch: P
 def render(results: dict[str, Any], command: str) -> str:
     on, off = statistics.median(results["on"]), statistics.median(results["off"])
     runs = " | ".join(f"{a:.0f} / {b:.0f}" for a, b in zip(results["on"], results["off"], strict=True))
-    return f"""{BEGIN}
-Measured on {time.strftime("%Y-%m-%d")} with `{command}`
+    return f"""Measured on {time.strftime("%Y-%m-%d")} with `{command}`
 on {results["machine"]}; the archive's batching settings, `ab -k -c {CLIENTS} -n {results["ab_requests"]}`
 on one PNG test image, on and off runs alternating on fresh servers.
 
@@ -74,8 +75,7 @@ on one PNG test image, on and off runs alternating on fresh servers.
 | off (`{MONITORING_ENV}=off`) | {off:.0f} req/s |
 | cost | {(1 - on / off) * 100:.1f}% of throughput |
 
-Every round, on / off req/s: {runs}.
-{END}"""
+Every round, on / off req/s: {runs}."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if shutil.which("ab") is None:
         raise SystemExit("ab not found: install apache2-utils (`scripts/setup.sh --dev`)")
-    if not (args.model_store / f"{serve.MODEL_NAME}.mar").is_file():
-        raise SystemExit(
-            f"{args.model_store}/{serve.MODEL_NAME}.mar not found: run `python -m archive.build`"
-        )
+    if not (args.model_store / f"{MODEL_NAME}.mar").is_file():
+        raise SystemExit(f"{args.model_store}/{MODEL_NAME}.mar not found: run `python -m archive.build`")
     try:
         image = png(load_split(args.data, "test").images[0].numpy())
     except DataError as err:
@@ -115,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                     rps = one_run(args.model_store, image_file, setting, args.ab_requests, Path(scratch))
                     results[setting].append(rps)
                     print(f"round {round_ + 1}: monitoring {setting}: {rps:.0f} req/s")
-    except serve.ServeError as err:
+    except ServeError as err:
         raise SystemExit(f"error: {err}") from None
     finally:
         if saved is None:
             os.environ.pop(MONITORING_ENV, None)
         else:
             os.environ[MONITORING_ENV] = saved
-    write_doc(args.doc, render(results, command), BEGIN, END)
+    write_block(args.doc, "bench_monitoring", render(results, command))
     print(f"wrote {args.doc}")
     return 0
 

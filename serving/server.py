@@ -33,6 +33,7 @@ from serving import REPO, tsconfig
 from serving.waiting import WaitTimeout, wait_for
 
 LOG_CONFIG_FILE = REPO / "configs" / "serving" / "log4j2.xml"
+METRICS_CONFIG_FILE = REPO / "configs" / "serving" / "metrics.yaml"  # the model's metric declarations
 DEFAULT_STATE_ROOT = REPO / ".serve"
 HOST = "127.0.0.1"
 DEFAULT_PORTS = {
@@ -160,6 +161,7 @@ def instance_config(
     given, with this instance's listeners, all on loopback whatever the target binds, and then
     `settings`, which apply to this instance only."""
     listeners = {
+        "metrics_config": str(METRICS_CONFIG_FILE),
         "inference_address": f"http://{HOST}:{ports['inference']}",
         "management_address": f"http://{HOST}:{ports['management']}",
         "metrics_address": f"http://{HOST}:{ports['metrics']}",

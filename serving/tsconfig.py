@@ -6,7 +6,7 @@
 
 The source is configs/serving/torchserve/: base.properties holds every setting, and one small file
 per target (local, container, pod) holds what that target changes. A target may change only the
-keys in OVERRIDABLE (addresses, token settings, the model API, load_models, model_store): the heap,
+keys in OVERRIDABLE (addresses, token settings, the model API, load_models and paths): the heap,
 queue, body limits and decoding are the base's everywhere, so what the tests run is what ships.
 The container and pod files are committed, rendered, because the Dockerfile COPYs one and
 kustomize's configMapGenerator reads the other; the local server renders its file at start.
@@ -33,7 +33,7 @@ OVERRIDABLE = frozenset(
         "inference_address", "management_address", "metrics_address",
         "grpc_inference_address", "grpc_management_address", "grpc_inference_port", "grpc_management_port",
         "disable_token_authorization", "token_expiration_min",
-        "enable_model_api", "load_models", "model_store",
+        "enable_model_api", "load_models", "model_store", "metrics_config",
     }
 )  # fmt: skip
 

@@ -20,7 +20,9 @@ class WaitTimeout(AssertionError):
     """The condition did not hold in time. An AssertionError, so a test that waits fails, not errors."""
 
 
-def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+def wait_for(
+    check: Callable[[], T | None], timeout: float, what: str = "the condition", interval: float = 0.05
+) -> T:
     """Call `check()` every `interval` s until it returns something truthy, and return that.
     Raises WaitTimeout naming `what` after `timeout` s; an exception from `check` propagates at
     once (a check raises to say "this will never happen")."""

@@ -24,8 +24,8 @@ from handler import monitor
 from handler.fashion_handler import FashionMNISTHandler
 from handler.preprocess import PreprocessSpec, normalize
 from monitoring.rules import EPSILON, Thresholds
+from serving.images import encode as png_bytes
 from tests.conftest import make_random_export
-from tests.serving import png_bytes
 from training.data import CLASSES, load_split
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,9 +26,21 @@ import requests
 from handler.monitor import PREDICTION_PREFIX
 from monitoring import rules
 from monitoring.stack import Stack
-from scripts import serve
-from tests.reliability import wait_for
-from tests.serving import png_bytes, post_concurrently
+from serving import MODEL_NAME
+from serving.client import Client
+from serving.images import encode as png_bytes
+from serving.loadgen import post_all as post_concurrently
+from serving.server import (
+    ANY_PORTS,
+    Instance,
+    free_ports,
+    read_keys,
+    read_record,
+    server_process,
+    start,
+    stop,
+)
+from serving.waiting import wait_for
 from training.data import load_split
 
 pytestmark = pytest.mark.serving
@@ -80,21 +92,21 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, mar_file: Path) -> Iterator[serve.Instance]:
-    instance = serve.Instance("drift", tmp_path_factory.mktemp("serve"))
-    serve.start(instance, mar_file.parent, dict.fromkeys(serve.DEFAULT_PORTS, 0))
-    client = serve.Client.for_instance(instance)
+def server(tmp_path_factory: pytest.TempPathFactory, mar_file: Path) -> Iterator[Instance]:
+    instance = Instance("drift", tmp_path_factory.mktemp("serve"))
+    start(instance, mar_file.parent, ANY_PORTS)
+    client = Client.for_instance(instance)
     try:
         client.register()
         yield instance
     finally:
         client.close()
-        serve.stop(instance)
+        stop(instance)
 
 
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, server: serve.Instance, export_dir: Path, receiver: Receiver
+    tmp_path_factory: pytest.TempPathFactory, server: Instance, export_dir: Path, receiver: Receiver
 ) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("monitor")
     rules.write(
@@ -105,8 +117,8 @@ def stack(
         job="torchserve",
         gke=None,
     )
-    target = serve.read_record(server).url("metrics").removeprefix("http://")
-    ports = serve.free_ports(2)
+    target = read_record(server).url("metrics").removeprefix("http://")
+    ports = free_ports(2)
     monitor = Stack(work, ports[0], ports[1])
     monitor.start([target], work / "rules.yml", scrape_interval="1s", webhook=receiver.url, group_wait="1s")
     yield monitor
@@ -119,10 +131,10 @@ def query(stack: Stack, expr: str) -> list[dict[str, Any]]:
     return body["data"]["result"]
 
 
-def send(server: serve.Instance, images: np.ndarray) -> None:
-    record = serve.read_record(server)
-    key = serve.read_keys(server.key_file)["inference"]["key"]
-    url = f"{record.url('inference')}/predictions/{serve.MODEL_NAME}"
+def send(server: Instance, images: np.ndarray) -> None:
+    record = read_record(server)
+    key = read_keys(server.key_file)["inference"]["key"]
+    url = f"{record.url('inference')}/predictions/{MODEL_NAME}"
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "image/png"}
     answers = post_concurrently(url, [png_bytes(image) for image in images], headers, clients=4)
     assert [status for status, _ in answers] == [200] * len(images)
@@ -143,7 +155,7 @@ def shifted(images: np.ndarray) -> np.ndarray:
 
 
 def test_clean_traffic_raises_no_model_alert(
-    stack: Stack, server: serve.Instance, receiver: Receiver, test_images: np.ndarray
+    stack: Stack, server: Instance, receiver: Receiver, test_images: np.ndarray
 ) -> None:
     assert wait_for(lambda: query(stack, 'up{job="torchserve"} == 1'), timeout=60, interval=0.5), "no scrape"
     send(server, test_images[:IMAGES])
@@ -172,7 +184,7 @@ def test_clean_traffic_raises_no_model_alert(
     assert not receiver.firing() & MODEL_ALERTS
 
 
-def test_prediction_log_has_one_json_line_per_answer(server: serve.Instance) -> None:
+def test_prediction_log_has_one_json_line_per_answer(server: Instance) -> None:
     """log4j2 routes the handler's prediction lines to predictions.log, and only there."""
     log = server.log_dir / "predictions.log"
     lines = wait_for(
@@ -186,7 +198,7 @@ def test_prediction_log_has_one_json_line_per_answer(server: serve.Instance) -> 
 
 
 def test_shifted_traffic_fires_input_drift(
-    server: serve.Instance, stack: Stack, receiver: Receiver, test_images
+    server: Instance, stack: Stack, receiver: Receiver, test_images
 ) -> None:
     send(server, shifted(test_images[IMAGES:]))
     fired = wait_for(lambda: "InputDrift" in receiver.firing(), timeout=90, interval=0.5)
@@ -202,10 +214,10 @@ def dashboard_queries() -> list[str]:
     return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
-def test_every_dashboard_query_returns_data(server: serve.Instance, stack: Stack) -> None:
+def test_every_dashboard_query_returns_data(server: Instance, stack: Stack) -> None:
     """Each PromQL expression of the Grafana dashboard parses and returns series (Grafana's own
     interval variables replaced by what Grafana would put there for this 1 s scrape)."""
-    client = serve.Client.for_instance(server)
+    client = Client.for_instance(server)
     assert client.predict(b"not an image").status_code == 400  # so the rejected-inputs panel has data
     client.close()
     queries = dashboard_queries()
@@ -221,10 +233,8 @@ def test_every_dashboard_query_returns_data(server: serve.Instance, stack: Stack
     assert wait_for(all_return_data, timeout=30, interval=1), f"dashboard queries without data: {missing}"
 
 
-def test_killed_worker_fires_worker_restarts(
-    server: serve.Instance, stack: Stack, receiver: Receiver
-) -> None:
-    jvm = serve.server_process(serve.read_record(server))
+def test_killed_worker_fires_worker_restarts(server: Instance, stack: Stack, receiver: Receiver) -> None:
+    jvm = server_process(read_record(server))
     workers = [p for p in jvm.children(recursive=True) if "model_service_worker" in " ".join(p.cmdline())]
     assert workers, "no TorchServe worker process found"
     # Past the rules' grace period, so the first start is not taken for a restart.
@@ -237,8 +247,8 @@ def test_killed_worker_fires_worker_restarts(
     )
 
 
-def test_stopped_server_fires_target_down(server: serve.Instance, stack: Stack, receiver: Receiver) -> None:
+def test_stopped_server_fires_target_down(server: Instance, stack: Stack, receiver: Receiver) -> None:
     assert "TargetDown" not in receiver.firing()
-    serve.stop(server)
+    stop(server)
     fired = wait_for(lambda: "TargetDown" in receiver.firing(), timeout=90, interval=0.5)
     assert fired, f"TargetDown never reached the receiver; up = {query(stack, 'up')}"

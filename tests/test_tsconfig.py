@@ -25,10 +25,11 @@ ALLOWED_CHANGES = {
     "local": set(),
     "container": ADDRESSES
     | {"grpc_inference_address", "grpc_management_address"}
-    | {"model_store", "load_models", "token_expiration_min", "enable_model_api"},
+    | {"model_store", "metrics_config", "load_models", "token_expiration_min", "enable_model_api"},
     "pod": {
         "metrics_address",
         "model_store",
+        "metrics_config",
         "load_models",
         "disable_token_authorization",
         "enable_model_api",
