@@ -27,7 +27,7 @@ from handler.monitor import PREDICTION_PREFIX
 from monitoring import rules
 from monitoring.stack import Stack
 from serving import MODEL_NAME
-from serving.client import Client
+from serving.client import Client, RequestFailed
 from serving.images import encode as png_bytes
 from serving.loadgen import post_all as post_concurrently
 from serving.server import (
@@ -218,7 +218,9 @@ def test_every_dashboard_query_returns_data(server: Instance, stack: Stack) -> N
     """Each PromQL expression of the Grafana dashboard parses and returns series (Grafana's own
     interval variables replaced by what Grafana would put there for this 1 s scrape)."""
     client = Client.for_instance(server)
-    assert client.predict(b"not an image").status_code == 400  # so the rejected-inputs panel has data
+    with pytest.raises(RequestFailed) as refused:  # so the rejected-inputs panel has data
+        client.predict(b"not an image")
+    assert refused.value.status == 400
     client.close()
     queries = dashboard_queries()
     assert len(queries) >= 15
