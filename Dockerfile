@@ -46,8 +46,8 @@ RUN useradd --uid 10001 --user-group --create-home --home-dir /home/model-server
         --shell /usr/sbin/nologin model-server \
     && mkdir /opt/fashion-serve /opt/fashion-serve/model-store
 COPY --from=venv /opt/venv /opt/venv
-COPY docker/config.properties docker/log4j2.xml docker/serve.sh docker/proxy.sh docker/healthcheck.py \
-    docker/drain.py configs/serving/metrics.yaml /opt/fashion-serve/
+COPY docker/config.properties docker/log4j2.xml docker/serve.sh docker/proxy.sh docker/supervise.sh \
+    docker/healthcheck.py docker/drain.py configs/serving/metrics.yaml /opt/fashion-serve/
 USER 10001:10001
 # Writable at run time (tmpfs or emptyDir when the root filesystem is read-only): HOME holds
 # TorchServe's key_file.json, /tmp its PID file and the unpacked archive.

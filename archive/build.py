@@ -357,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if result.replaced:
             print(f"existing archive {result.replaced}")
-        print(f"archive: {result.path}")
-        print(f"size:    {result.size} bytes ({result.size / 1024:.1f} KiB)")
-        print(f"version: {result.version}")
+        size = f"{result.size} bytes ({result.size / 1024:.1f} KiB)"
+        for label, value in (("archive", result.path), ("size", size), ("version", result.version)):
+            print(f"{label + ':':<9}{value}")
         print(f"sha256:  {result.sha256}")
 
     return run_stage(PROG, run)

@@ -49,15 +49,9 @@ if [ "$count" -eq 0 ]; then
 fi
 mv "$map.new" "$map"
 
-nginx -e stderr -c "$conf" &
-nginx=$!
-stopping=""
-trap 'stopping=1; kill -QUIT "$nginx"' TERM INT
-status=0
-wait "$nginx" || status=$?
-if [ -n "$stopping" ]; then
-    # The first wait returned when the signal arrived; nginx exits once requests in flight are done.
-    status=0
-    wait "$nginx" || status=$?
-fi
+# nginx's graceful stop (QUIT): no new connections, requests in flight finish, then exit 0.
+# shellcheck source=docker/supervise.sh
+. "$(dirname "$0")/supervise.sh"
+# shellcheck disable=SC2016  # $child expands when the stop runs, inside supervise
+supervise 'kill -QUIT "$child"' nginx -e stderr -c "$conf"
 exit "$status"

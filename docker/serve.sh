@@ -23,18 +23,13 @@ for entry in $(sed -n 's/^load_models=//p' "$config" | tr ',' ' '); do
 done
 
 # TorchServe writes key_file.json into its working directory: the image's WORKDIR, writable.
-torchserve --foreground --ncs --ts-config "$config" --log-config /opt/fashion-serve/log4j2.xml &
-launcher=$!
-
-stopping=""
 # Drain first (docker/drain.py: cut off new requests, answer the accepted ones, scale to zero
 # workers); whatever it reports, TorchServe is stopped after it.
-trap 'stopping=1; python3 /opt/fashion-serve/drain.py || true; torchserve --stop --foreground' TERM INT
-status=0
-wait "$launcher" || status=$?
-if [ -n "$stopping" ]; then
-    # The first wait returned when the signal arrived; the launcher exits once the JVM has.
-    wait "$launcher" || true
+# shellcheck source=docker/supervise.sh
+. "$(dirname "$0")/supervise.sh"
+supervise 'python3 /opt/fashion-serve/drain.py || true; torchserve --stop --foreground' \
+    torchserve --foreground --ncs --ts-config "$config" --log-config /opt/fashion-serve/log4j2.xml
+if [ -n "$stopped" ]; then
     echo "serve.sh: TorchServe stopped" >&2
     exit 0
 fi

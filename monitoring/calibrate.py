@@ -30,6 +30,7 @@ from monitoring import detector
 from monitoring.rules import RulesError, Thresholds, reference
 from monitoring.shifts import SHIFTS
 from serving.docblock import write_block
+from training.cli import add_model_and_data
 from training.data import DataError, load_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m monitoring.calibrate", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--model-dir", type=Path, default=REPO / "artifacts" / "model")
-    parser.add_argument(
-        "--data", type=Path, default=REPO / "data", help="processed data (training.data --out)"
-    )
+    add_model_and_data(parser)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--doc", type=Path, default=DOC)
     args = parser.parse_args(argv)

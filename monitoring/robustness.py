@@ -38,6 +38,7 @@ from monitoring import detector
 from monitoring.rules import RulesError, Thresholds, reference
 from monitoring.shifts import SHIFTS
 from serving.docblock import write_block
+from training.cli import add_model_and_data
 from training.data import DataError, load_split
 
 matplotlib.use("Agg")  # files only; no display on build machines
@@ -184,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m monitoring.robustness", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--model-dir", type=Path, default=REPO / "artifacts" / "model")
-    parser.add_argument(
-        "--data", type=Path, default=REPO / "data", help="processed data (training.data --out)"
-    )
+    add_model_and_data(parser)
     parser.add_argument("--out", type=Path, default=REPO / "reports", help="where robustness.json/.png go")
     parser.add_argument("--limit", type=int, help="evaluate a seeded subsample of this many test images")
     parser.add_argument("--seed", type=int, default=0)

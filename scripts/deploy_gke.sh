@@ -36,56 +36,22 @@ IFS=, read -r -a cidrs <<<"${ALLOW_CIDRS:-}"
 dry_run=0
 namespace=fashion-mnist
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-fail() {
-    echo "deploy_gke.sh: $*" >&2
-    exit 2
-}
+# shellcheck source=deploy/steps.sh
+source deploy/steps.sh
 while (($#)); do
     case "$1" in
-    --project) project=$2; shift 2 ;;
-    --region) region=$2; shift 2 ;;
     --allow-cidr) cidrs+=("$2"); shift 2 ;;
-    --cluster) cluster=$2; shift 2 ;;
     --mode) mode=$2; shift 2 ;;
-    --repo) repo=$2; shift 2 ;;
-    --image) image=$2; shift 2 ;;
-    --tag) tag=$2; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    *) fail "unknown argument '$1' (see --help)" ;;
+    *) shared_option "$@"; shift "$taken" ;;
     esac
 done
 
-[[ -n $project ]] || fail "no project: pass --project or set PROJECT_ID (your projects: gcloud projects list)"
-[[ -n $region ]] || fail "no region: pass --region or set REGION, e.g. us-central1 (gcloud compute regions list)"
+require_project_and_region
 [[ $mode == autopilot || $mode == standard ]] || fail "--mode must be autopilot or standard, not '$mode'"
 ((${#cidrs[@]})) || fail "no client range: pass --allow-cidr, e.g. your address: --allow-cidr \$(curl -s https://checkip.amazonaws.com)/32"
 for cidr in "${cidrs[@]}"; do
     [[ $cidr =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$ ]] || fail "--allow-cidr '$cidr' is not an IPv4 CIDR like 203.0.113.7/32"
 done
-
-quote() {
-    local words=() word
-    for word in "$@"; do words+=("$(printf '%q' "$word")"); done
-    echo "${words[*]}"
-}
-run() {  # print a command, then run it unless this is a dry run
-    echo "+ $(quote "$@")"
-    ((dry_run)) || "$@"
-}
-ensure() {  # ensure DESCRIBE... -- CREATE...: run CREATE unless DESCRIBE succeeds
-    local describe=()
-    while [[ $1 != -- ]]; do describe+=("$1"); shift; done
-    shift
-    if ((dry_run)); then
-        echo "+ $(quote "${describe[@]}") >/dev/null 2>&1 || $(quote "$@")"
-    elif "${describe[@]}" >/dev/null 2>&1; then
-        echo "  exists: $(quote "${describe[@]}")"
-    else
-        run "$@"
-    fi
-}
 
 # The kustomization this deploy applies, and the new token on its way into the Secret.
 work=$(mktemp -d "${TMPDIR:-/tmp}/deploy-gke.XXXXXX")
@@ -142,13 +108,8 @@ else
 fi
 
 ranges=$(printf '"%s", ' "${cidrs[@]}")
-# kustomize takes a base only as a relative path.
-overlay=$(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' deploy/overlays/gke "$work")
 kustomization="# Written by scripts/deploy_gke.sh: the gke overlay with this deploy's image and client ranges.
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - $overlay
+$(kustomization_over deploy/overlays/gke)
 images:
   - name: fashion-mnist-serve
     $image_fields

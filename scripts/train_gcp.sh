@@ -45,34 +45,22 @@ dry_run=0
 namespace=fashion-mnist-training
 job=fashion-mnist-train
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-fail() {
-    echo "train_gcp.sh: $*" >&2
-    exit 2
-}
+# shellcheck source=deploy/steps.sh
+source deploy/steps.sh
 while (($#)); do
     case "$1" in
     --target) target=$2; shift 2 ;;
-    --project) project=$2; shift 2 ;;
-    --region) region=$2; shift 2 ;;
     --bucket) bucket=$2; shift 2 ;;
     --nodes) nodes=$2; shift 2 ;;
     --machine-type) machine_type=$2; shift 2 ;;
     --raw-dir) raw_dir=$2; shift 2 ;;
     --run-id) run_id=$2; shift 2 ;;
-    --cluster) cluster=$2; shift 2 ;;
-    --repo) repo=$2; shift 2 ;;
-    --image) image=$2; shift 2 ;;
-    --tag) tag=$2; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    -h | --help) usage; exit 0 ;;
-    *) fail "unknown argument '$1' (see --help)" ;;
+    *) shared_option "$@"; shift "$taken" ;;
     esac
 done
 
 [[ $target == gke || $target == vertex ]] || fail "--target must be gke or vertex, not '$target'"
-[[ -n $project ]] || fail "no project: pass --project or set PROJECT_ID (your projects: gcloud projects list)"
-[[ -n $region ]] || fail "no region: pass --region or set REGION, e.g. us-central1 (gcloud compute regions list)"
+require_project_and_region
 [[ -n $bucket ]] || fail "no bucket: pass --bucket or set BUCKET, e.g. --bucket $project-fashion-mnist"
 [[ $bucket =~ ^[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]$ ]] || fail "--bucket '$bucket' is not a bucket name (lower-case letters, digits, - _ .)"
 if [[ ! $nodes =~ ^[0-9]+$ ]] || ((nodes < 2)); then
@@ -82,36 +70,6 @@ fi
 for file in train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz; do
     [[ -f $raw_dir/$file ]] || fail "$raw_dir/$file not found: pass --raw-dir, or install it with scripts/setup.sh"
 done
-
-quote() {
-    local words=() word
-    for word in "$@"; do words+=("$(printf '%q' "$word")"); done
-    echo "${words[*]}"
-}
-run() {  # print a command, then run it unless this is a dry run
-    echo "+ $(quote "$@")"
-    ((dry_run)) || "$@"
-}
-ensure() {  # ensure DESCRIBE... -- CREATE...: run CREATE unless DESCRIBE succeeds
-    local describe=()
-    while [[ $1 != -- ]]; do describe+=("$1"); shift; done
-    shift
-    if ((dry_run)); then
-        echo "+ $(quote "${describe[@]}") >/dev/null 2>&1 || $(quote "$@")"
-    elif "${describe[@]}" >/dev/null 2>&1; then
-        echo "  exists: $(quote "${describe[@]}")"
-    else
-        run "$@"
-    fi
-}
-write() {  # write FILE with the text on stdin, printed as a heredoc
-    local text
-    text=$(cat)
-    echo "+ cat >$1 <<'EOF'"
-    echo "$text"
-    echo "EOF"
-    echo "$text" >"$1"
-}
 
 # The filled-in kustomization or job spec this run submits.
 work=$(mktemp -d "${TMPDIR:-/tmp}/train-gcp.XXXXXX")
@@ -162,14 +120,9 @@ if [[ $target == gke ]]; then
     run gcloud container clusters get-credentials "$cluster" --location "$region" --project "$project"
     # A Job's pod template cannot change: the previous run's Job goes first.
     run kubectl -n "$namespace" delete job "$job" --ignore-not-found
-    # kustomize takes a base only as a relative path.
-    base=$(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' deploy/training "$work")
     write "$work/kustomization.yaml" <<EOF
 # Written by scripts/train_gcp.sh: deploy/training with this run's image, bucket, run id and nodes.
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - $base
+$(kustomization_over deploy/training)
 images:
   - name: fashion-mnist-train
     newName: ${image%:*}

@@ -6,9 +6,7 @@ docker (GCP is the one thing mocked; the stand-in kubectl renders with the real 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,24 +16,21 @@ import yaml
 
 from checks.manifests import GKE_STABLE, core_objects, validate
 from serving import REPO
+from tests import gcp_stubs
 from tests.containers import deployment_containers, find
+from tests.gcp_stubs import calls
 
-STUB = """#!/bin/sh
-# Stand-in for {tool}: records the call. Without STUB_GCP it fails: a dry run may run nothing.
-echo "{tool} $*" >>"$STUB_LOG"
-[ -n "$STUB_GCP" ] || exit 97
-case "$*" in
-*" describe "* | *"get secret"*) [ "$STUB_GCP" = existing ] ;;
+CASES = (
+    gcp_stubs.APPLY_CASE
+    + r"""*" describe "* | *"get secret"*) [ "$STUB_GCP" = existing ] ;;
 *"get service"*) echo 203.0.113.10 ;;
-# What would be applied: the real kubectl renders the kustomization directory.
-"apply -k "*) "$STUB_KUBECTL" kustomize "$3" >"$STUB_LOG.applied" ;;
 *"create secret"*)
     for arg in "$@"; do
-        case "$arg" in --from-file=tokens=*) cat "${{arg#--from-file=tokens=}}" >"$STUB_LOG.token" ;; esac
+        case "$arg" in --from-file=tokens=*) cat "${arg#--from-file=tokens=}" >"$STUB_LOG.token" ;; esac
     done
     ;;
-esac
 """
+)
 DEPLOY_ARGS = ["--project", "demo-project", "--region", "europe-west4", "--allow-cidr", "203.0.113.7/32"]
 REGISTRY_IMAGE = "europe-west4-docker.pkg.dev/demo-project/fashion-mnist/fashion-mnist-serve"
 
@@ -43,28 +38,12 @@ REGISTRY_IMAGE = "europe-west4-docker.pkg.dev/demo-project/fashion-mnist/fashion
 @pytest.fixture
 def stubs(tmp_path: Path) -> dict[str, str]:
     """Environment with gcloud, kubectl and docker replaced by recording stand-ins."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("gcloud", "kubectl", "docker"):
-        (bin_dir / tool).write_text(STUB.format(tool=tool))
-        (bin_dir / tool).chmod(0o755)
-    env = {
-        k: v for k, v in os.environ.items() if k not in {"PROJECT_ID", "REGION", "ALLOW_CIDRS", "STUB_GCP"}
-    }
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl not found: install it (docs/deploy.md, prerequisites)"
-    log = str(tmp_path / "calls.log")
-    return {**env, "PATH": f"{bin_dir}:{env['PATH']}", "STUB_LOG": log, "STUB_KUBECTL": kubectl}
+    return gcp_stubs.stub_env(tmp_path, CASES, unset={"PROJECT_ID", "REGION", "ALLOW_CIDRS"})
 
 
 def deploy(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     script = REPO / "scripts" / "deploy_gke.sh"
     return subprocess.run([str(script), *args], env=env, capture_output=True, text=True, timeout=60)
-
-
-def calls(env: dict[str, str]) -> list[str]:
-    log = Path(env["STUB_LOG"])
-    return log.read_text().splitlines() if log.exists() else []
 
 
 def commands(stdout: str) -> list[str]:

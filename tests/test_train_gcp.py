@@ -14,12 +14,9 @@ recording stand-ins for gcloud, kubectl and docker: GCP is the one thing mocked.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,9 @@ import pytest
 import yaml
 
 from checks.manifests import GKE_STABLE, TRAINING, render, validate, vertex_schema
+from tests import gcp_stubs
 from tests.containers import REPO, find
+from tests.gcp_stubs import calls
 
 SCRIPT = REPO / "scripts" / "train_gcp.sh"
 ARGS = ["--project", "demo-project", "--region", "europe-west4", "--bucket", "demo-fm", "--run-id", "r1"]
@@ -38,19 +37,14 @@ REGISTRY_IMAGE = "europe-west4-docker.pkg.dev/demo-project/fashion-mnist/fashion
 RUNTIME = {"$(NNODES)": "2", "$(NODE_RANK)": "0", "$(RUN_ID)": "r1", "$WORLD_SIZE": "2", "$RANK": "0",
            "$(nproc)": "4"}  # fmt: skip
 
-STUB = """#!/bin/sh
-# Stand-in for {tool}: records the call. Without STUB_GCP it fails: a dry run may run nothing.
-echo "{tool} $*" >>"$STUB_LOG"
-[ -n "$STUB_GCP" ] || exit 97
-case "$*" in
-"projects describe "*) echo 123456789 ;;
+CASES = (
+    gcp_stubs.APPLY_CASE
+    + r""""projects describe "*) echo 123456789 ;;
 *" describe "*) [ "$STUB_GCP" = existing ] ;;
-# What would be applied or submitted, kept for the test: kustomize renders with the real kubectl.
-"apply -k "*) "$STUB_KUBECTL" kustomize "$3" >"$STUB_LOG.applied" ;;
 "ai custom-jobs create "*)
     for arg in "$@"; do [ "$prev" = --config ] && cp "$arg" "$STUB_LOG.spec"; prev=$arg; done ;;
-esac
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,31 +59,18 @@ def spec_schema() -> dict[str, Any]:
 
 @pytest.fixture
 def stubs(tmp_path: Path) -> dict[str, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("gcloud", "kubectl", "docker"):
-        (bin_dir / tool).write_text(STUB.format(tool=tool))
-        (bin_dir / tool).chmod(0o755)
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl not found: install it (docs/deploy.md, prerequisites)"
-    env = {k: v for k, v in os.environ.items() if k not in {"PROJECT_ID", "REGION", "BUCKET", "STUB_GCP"}}
+    env = gcp_stubs.stub_env(tmp_path, CASES, unset={"PROJECT_ID", "REGION", "BUCKET"})
     # Stand-in raw files: the script only checks that the four are there before uploading them.
     raw = tmp_path / "raw"
     raw.mkdir()
     for name in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
         (raw / f"{name}-ubyte.gz").write_bytes(b"")
-    return {**env, "PATH": f"{bin_dir}:{env['PATH']}", "STUB_LOG": str(tmp_path / "calls.log"),
-            "STUB_KUBECTL": kubectl, "RAW": str(raw)}  # fmt: skip
+    return {**env, "RAW": str(raw)}
 
 
 def train_gcp(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     cmd = [str(SCRIPT), *args, "--raw-dir", env["RAW"]]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-
-
-def calls(env: dict[str, str]) -> list[str]:
-    log = Path(env["STUB_LOG"])
-    return log.read_text().splitlines() if log.exists() else []
 
 
 def printed_commands(stdout: str) -> list[str]:
@@ -237,12 +218,6 @@ def test_vertex_schema_rejects_mistakes(stubs, spec_schema, mutation) -> None:
 
 
 # --- scripts/train_gcp.sh -----------------------------------------------------------------------
-
-
-def test_script_is_shellcheck_clean() -> None:
-    shellcheck = Path(sys.executable).with_name("shellcheck")
-    proc = subprocess.run([str(shellcheck), str(SCRIPT)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout
 
 
 COMMON_STEPS = [

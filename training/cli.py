@@ -13,6 +13,7 @@ for bad flags; `StageError.exit_code` carries the choice for everything else.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,12 @@ MODEL_STORE = REPO_ROOT / "model_store"
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+
+def add_model_and_data(parser: argparse.ArgumentParser) -> None:
+    """--model-dir and --data, for every command that runs an exported model on the processed data."""
+    parser.add_argument("--model-dir", type=Path, default=EXPORT_DIR, help="output of training.export")
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help="root given to training.data")
 
 
 def repo_path(value: str | Path) -> Path:

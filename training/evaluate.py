@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from handler.meta import MetaError, ModelMeta
 from handler.preprocess import PreprocessSpec, preprocess
-from training.cli import DATA_DIR, EXIT_USAGE, EXPORT_DIR, REPORTS_DIR, StageError, run_stage
+from training.cli import EXIT_USAGE, REPORTS_DIR, StageError, add_model_and_data, run_stage
 from training.data import load_split
 
 PROG = "python -m training.evaluate"
@@ -146,8 +146,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-dir", type=Path, default=EXPORT_DIR, help="output of training.export")
-    parser.add_argument("--data", type=Path, default=DATA_DIR, help="root given to training.data")
+    add_model_and_data(parser)
     parser.add_argument("--out", type=Path, default=REPORTS_DIR, help="report directory")
     parser.add_argument("--split", choices=("test", "val"), default="test")
     args = parser.parse_args(None if argv is None else list(argv))

@@ -165,19 +165,16 @@ def _point_latest(run_dir: Path) -> None:
     os.replace(tmp, latest)  # atomic: `latest` is never missing or half-made
 
 
+# TrainerConfig fields that are L.Trainer arguments of the same name.
+TRAINER_ARGS = (
+    "accelerator", "devices", "num_nodes", "strategy", "precision", "max_epochs", "deterministic",
+    "limit_train_batches", "limit_val_batches", "fast_dev_run", "log_every_n_steps",
+)  # fmt: skip
+
+
 def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Callback]) -> L.Trainer:
     return L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
-        max_epochs=cfg.trainer.max_epochs,
-        deterministic=cfg.trainer.deterministic,
-        limit_train_batches=cfg.trainer.limit_train_batches,
-        limit_val_batches=cfg.trainer.limit_val_batches,
-        fast_dev_run=cfg.trainer.fast_dev_run,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        **{name: cfg.trainer[name] for name in TRAINER_ARGS},
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         callbacks=callbacks,
