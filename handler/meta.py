@@ -2,7 +2,7 @@
 
 `python -m training.export` saves a `ModelMeta`; offline evaluation, `python -m archive.build` and the
 TorchServe handler load it with `ModelMeta.load`, which validates it. Its fields are declared here and
-nowhere else, and the model's name (`MODEL_NAME`) lives here too. This module ships inside the `.mar`
+nowhere else; the default name is `handler.MODEL_NAME`. This module ships inside the `.mar`
 (as `handler/meta.py`), so it uses only the standard library and the handler package.
 
     >>> meta = ModelMeta.load(Path("artifacts/model"))   # MetaError saying what to re-run if it is wrong
@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from handler import MODEL_NAME
 from handler.postprocess import class_names
 from handler.preprocess import PreprocessSpec
 
-MODEL_NAME = "fashion_mnist"
 META_FILE = "model_meta.json"
 INDEX_FILE = "index_to_name.json"  # TorchServe's conventional class map, written from `classes`
 # Names and versions appear in URLs (/predictions/<name>/<version>) and in archive file names.

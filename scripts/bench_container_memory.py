@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from serving import REPO
+from serving import MODEL_NAME, REPO
 from serving.container import docker, hardened_flags, read_key
 from serving.container import predict_status as predict
 from serving.docblock import write_block
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
                 key = key or read_key(container)
                 status = predict(port, key, small_png()) if key else 0
-            url = f"http://127.0.0.1:{port}/predictions/fashion_mnist"
+            url = f"http://127.0.0.1:{port}/predictions/{MODEL_NAME}"
             cgroup = Cgroup(container)
             idle = cgroup.sample()
             rows = []

@@ -13,9 +13,7 @@ command lines, and the tests import it directly.
 
 # Default paths come from the repository root, as for every stage's command line (training.cli),
 # never from the working directory.
+from handler import MODEL_NAME
 from training.cli import REPO_ROOT as REPO
 
 __all__ = ["MODEL_NAME", "REPO"]
-
-# The name the archive registers under, and the URL path /predictions/<MODEL_NAME>.
-MODEL_NAME = "fashion_mnist"
