@@ -6,9 +6,9 @@ RUN ?= outputs/train/latest
 EXPORT ?= artifacts/model
 TRAIN_ARGS ?=
 
-.PHONY: help setup setup-dev all data train export evaluate archive serve stop lint test test-fast \
-	image image-train bench-training bench-loading bench-precision bench-serving bench-container bench-monitoring soak \
-	clean rules monitor robustness drift-report
+.PHONY: help setup setup-dev all repro tune data train export evaluate archive serve stop lint test \
+	test-fast image image-train bench-training bench-loading bench-precision bench-serving bench-container \
+	bench-monitoring soak clean rules monitor robustness drift-report
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
@@ -21,6 +21,13 @@ setup-dev:  ## setup plus the real servers the tests use (nginx, prometheus, ab,
 
 all: setup  ## THE MAIN JOB: setup, then data -> train -> export -> evaluate -> archive -> serve -> predict
 	scripts/main.sh
+
+repro:  ## the DVC pipeline only: params.yaml from configs/, then the stages whose inputs changed
+	$(PY) -m training.params $(TRAIN_ARGS)
+	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc repro
+
+tune:  ## Optuna study (resumable, SQLite under outputs/); best trial -> configs/experiment/tuned.yaml
+	$(PY) -m training.tune
 
 data:  ## verify Fashion-MNIST and write data/processed/ (+ manifest)
 	$(PY) -m training.data

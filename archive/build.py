@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ import yaml
 
 from handler.meta import NAME_PATTERN, MetaError, ModelMeta
 from handler.preprocess import PreprocessSpec
+from model.fingerprint import model_version, weights_digest
 from training.cli import EXIT_USAGE, EXPORT_DIR, MODEL_STORE, REPO_ROOT, StageError, run_stage
 
 PROG = "python -m archive.build"
@@ -62,7 +64,7 @@ class Export:
     meta_file: Path
     index_file: Path
     meta: ModelMeta
-    model_sha256: str
+    fingerprint: str  # model/fingerprint.py: weights + identity metadata, not the file's bytes
 
     @property
     def version(self) -> str:
@@ -142,8 +144,8 @@ def validate_export(export_dir: Path) -> Export:
         meta = ModelMeta.load(export_dir)
     except MetaError as exc:
         raise ArchiveError(str(exc), exit_code=EXIT_USAGE) from exc
-    _check_model_output(model, meta.preprocess, len(meta.classes))
-    return Export(model, meta_file, index_file, meta, _sha256(model))
+    scripted = _check_model_output(model, meta.preprocess, len(meta.classes))
+    return Export(model, meta_file, index_file, meta, model_version(weights_digest(scripted), meta.to_json()))
 
 
 def build(
@@ -173,7 +175,7 @@ def build(
     return BuildResult(target, size, export.version, digest, summary, replaced)
 
 
-def _check_model_output(model_file: Path, spec: PreprocessSpec, num_classes: int) -> None:
+def _check_model_output(model_file: Path, spec: PreprocessSpec, num_classes: int) -> torch.jit.ScriptModule:
     try:
         model = torch.jit.load(str(model_file), map_location="cpu").eval()
     except RuntimeError as exc:
@@ -193,14 +195,17 @@ def _check_model_output(model_file: Path, spec: PreprocessSpec, num_classes: int
             "re-export the model with `python -m training.export`",
             exit_code=EXIT_USAGE,
         )
+    return model
 
 
 def _replacement_note(target: Path, export: Export, force: bool) -> str | None:
     """Decide about an archive already at `target`: None if there is none, a note if it will be replaced.
 
     Without --force, an existing archive is replaced unless it holds the same version of a different
-    model.pt: then the version would name two models, which breaks every rollback and cache keyed
+    model: then the version would name two models, which breaks every rollback and cache keyed
     on it. Rebuilding the same model (say, after a handler change) or a new version just replaces it.
+    "Same model" means same weights and identity metadata (model/fingerprint.py): re-scripting the
+    same weights writes different bytes, and that must not count as a different model.
     """
     if not target.exists():
         return None
@@ -210,20 +215,25 @@ def _replacement_note(target: Path, export: Export, force: bool) -> str | None:
         with zipfile.ZipFile(target) as archive:
             manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
             old_version = str(manifest.get("modelVersion"))
-            with archive.open(manifest["serializedFile"]) as old_model:
-                old_sha = hashlib.file_digest(old_model, "sha256").hexdigest()
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            old_bytes = io.BytesIO(archive.read(manifest["serializedFile"]))
+            old_model = torch.jit.load(old_bytes, map_location="cpu")
+            names = set(archive.namelist())
+            old_meta = json.loads(archive.read("model_meta.json")) if "model_meta.json" in names else {}
+        old_fingerprint = model_version(weights_digest(old_model), old_meta)
+    except (OSError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
         raise ArchiveError(
             f"{target} exists but is not a readable model archive ({exc}); pass --force to overwrite it",
             exit_code=EXIT_USAGE,
         ) from exc
-    if old_version == export.version and old_sha != export.model_sha256:
+    same_model = old_fingerprint == export.fingerprint
+    if old_version == export.version and not same_model:
         raise ArchiveError(
-            f"{target} already holds version {old_version} of a different model.pt; give the new model "
-            "its own version in `python -m training.export`, or pass --force to overwrite",
+            f"{target} already holds version {old_version} of a different model (other weights or "
+            "metadata); export without --version so the version is derived from the model, or pass "
+            "--force to overwrite",
             exit_code=EXIT_USAGE,
         )
-    return f"replaced version {old_version}" + (" (same model)" if old_sha == export.model_sha256 else "")
+    return f"replaced version {old_version}" + (" (same model)" if same_model else "")
 
 
 def _run_archiver(export: Export, name: str, config_yaml: str, work: Path) -> Path:

@@ -50,6 +50,11 @@ class ModelMeta:
     config_hash: str = ""
     torch_version: str = ""
     source: dict[str, str] = field(default_factory=dict)  # run dir and checkpoint it came from
+    # Identity and provenance (the DVC pipeline): DVC's hash of the processed split the model was
+    # trained on (None when the split was not made by `dvc repro`), and the sha256 of its weights,
+    # from which training.export derives the version (model/fingerprint.py).
+    data_hash: str | None = None
+    weights_digest: str = ""
 
     def __post_init__(self) -> None:
         self.validate()

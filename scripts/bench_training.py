@@ -92,7 +92,7 @@ def bench_config(name: str, overrides: list[str], scratch: Path) -> dict:
         "params": meta["architecture"]["num_params"],
         "val_accuracy": meta["metrics"]["val_accuracy"],
         "test_accuracy": meta["metrics"]["test_accuracy"],
-        "curve": epoch_curve(run / "metrics.csv"),
+        "curve": epoch_curve(run / "logs" / "metrics.csv"),
     }
 
 

@@ -2,6 +2,8 @@
 
     python -m scripts.serve start                  # waits until the server answers /ping
     python -m scripts.serve register               # model_store/fashion_mnist.mar via the management API
+    python -m scripts.serve deploy model_store/fashion_mnist.mar   # its version beside the others, as default
+    python -m scripts.serve set-default 3f2a9c01b7de               # rollback: one call
     python -m scripts.serve predict shirt.png pics/   # a top-k table, one row per image
     python -m scripts.serve scale --min-workers 2 --max-workers 2
     python -m scripts.serve status
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from serving import MODEL_NAME
-from serving.client import Client, KeyRefused, RequestFailed
+from serving.client import Client, KeyRefused, RequestFailed, deploy
 from serving.server import (
     DEFAULT_PORTS,
     DEFAULT_STATE_ROOT,
@@ -103,12 +105,14 @@ def cmd_status(args: argparse.Namespace, instance: Instance) -> int:
     health = client.ping()["status"]
     print(f"TorchServe at {client.urls['inference']}: {health}")
     for entry in client.models():
-        for version in client.describe(entry["modelName"]):
+        default = client.default_version(entry["modelName"])
+        for version in client.describe(f"{entry['modelName']}/all"):
             workers = version["workers"]
             ready = sum(w["status"] == "READY" for w in workers)
+            mark = " (default)" if version["modelVersion"] == default else ""
             print(
-                f"  {version['modelName']} {version['modelVersion']}: {ready}/{len(workers)} workers ready "
-                f"(min {version['minWorkers']}, max {version['maxWorkers']}), "
+                f"  {version['modelName']} {version['modelVersion']}{mark}: {ready}/{len(workers)} workers "
+                f"ready (min {version['minWorkers']}, max {version['maxWorkers']}), "
                 f"batchSize {version['batchSize']}, maxBatchDelay {version['maxBatchDelay']} ms"
             )
     return 0 if health == "Healthy" else 1
@@ -119,6 +123,26 @@ def cmd_register(args: argparse.Namespace, instance: Instance) -> int:
         args.archive, args.batch_size, args.max_batch_delay, args.initial_workers
     )
     print(reply["status"])
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace, instance: Instance) -> int:
+    if not args.archive.is_file():
+        raise InputError(
+            f"{args.archive} does not exist: build it with `python -m archive.build` (or `dvc repro`)"
+        )
+    client = make_client(args, instance)
+    name, version, registered_now = deploy(client, args.archive)
+    others = [v for v in client.versions(name) if v != version]
+    print(f"{name} {version} {'registered and ' if registered_now else ''}serving as the default")
+    if others:
+        rollback = "python -m scripts.serve set-default VERSION"
+        print(f"  also registered: {', '.join(others)} (rollback: {rollback})")
+    return 0
+
+
+def cmd_set_default(args: argparse.Namespace, instance: Instance) -> int:
+    print(make_client(args, instance).set_default(args.version, args.model)["status"])
     return 0
 
 
@@ -226,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before the remains are killed")
     p.set_defaults(run=cmd_stop)
 
-    sub.add_parser("status", help="health, models and workers").set_defaults(run=cmd_status)
+    p = sub.add_parser("status", help="health, models, every version (the default marked), workers")
+    p.set_defaults(run=cmd_status)
 
     p = sub.add_parser("register", help="register an archive from the model store")
     p.add_argument("archive", nargs="?", default=f"{MODEL_NAME}.mar", help="file name inside the model store")
@@ -234,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay", type=int, help="override the archive's maxBatchDelay (ms)")
     p.add_argument("--initial-workers", type=int, help="workers, if the archive sets no minWorkers")
     p.set_defaults(run=cmd_register)
+
+    p = sub.add_parser("deploy", help="register an archive's version beside the others, as the default")
+    p.add_argument("archive", type=Path, help="a .mar inside the server's model store")
+    p.set_defaults(run=cmd_deploy)
+
+    p = sub.add_parser("set-default", help="make a registered version the default (a rollback)")
+    p.add_argument("version")
+    p.add_argument("--model", default=MODEL_NAME)
+    p.set_defaults(run=cmd_set_default)
 
     p = sub.add_parser("unregister", help="remove a model")
     p.add_argument("--model", default=MODEL_NAME)

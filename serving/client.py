@@ -3,6 +3,8 @@
     from serving.client import Client, RequestFailed
     client = Client.for_instance(instance)            # a local instance (serving.server)
     client.register()                                 # returns once the workers are up
+    deploy(client, Path("model_store/fashion_mnist.mar"))  # its version beside the others, as default
+    client.set_default("3f2a9c01b7de")                # rollback: one call
     try:
         top = client.predict(png, top_k=3).predictions[0].label
     except RequestFailed as err:                      # any non-2xx answer
@@ -17,6 +19,9 @@ a refused key), for callers (tests) that look at the status themselves.
 
 from __future__ import annotations
 
+import json
+import shutil
+import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +32,7 @@ import requests
 from serving import MODEL_NAME
 from serving.server import (
     START_HINT,
+    InputError,
     Instance,
     ServeError,
     read_keys,
@@ -217,6 +223,28 @@ class Client:
             )
         return self._expect_ok(resp, f"register {archive}")
 
+    def set_default(self, version: str, model: str = MODEL_NAME) -> dict[str, Any]:
+        """Make `version` the one /predictions/<model> serves; the others stay registered for rollback."""
+        resp = self.call("management", "PUT", f"/models/{model}/{version}/set-default")
+        if resp.status_code == 404:
+            raise RequestFailed(
+                f"cannot make {model} {version} the default",
+                resp,
+                "`python -m scripts.serve status` lists the registered versions",
+            )
+        return self._expect_ok(resp, f"make {model} {version} the default", model)
+
+    def versions(self, model: str = MODEL_NAME) -> list[str]:
+        """The registered versions of `model`; [] when it is not registered at all."""
+        resp = self.call("management", "GET", f"/models/{model}/all")
+        if resp.status_code == 404:
+            return []
+        return [entry["modelVersion"] for entry in self._expect_ok(resp, f"describe {model}", model)]
+
+    def default_version(self, model: str = MODEL_NAME) -> str:
+        """The version /predictions/<model> serves (GET /models/<model> describes only the default)."""
+        return str(self.describe(model)[0]["modelVersion"])
+
     def unregister(self, model: str = MODEL_NAME) -> dict[str, Any]:
         return self._expect_ok(
             self.call("management", "DELETE", f"/models/{model}"), f"unregister {model}", model
@@ -247,3 +275,33 @@ class Client:
                 "`python -m scripts.serve scale --min-workers 1 --max-workers 1`"
             )
         raise RequestFailed(f"{model!r} refused the request", resp, hint)
+
+
+def archive_identity(archive: Path) -> tuple[str, str]:
+    """(model name, version) from a .mar's MAR-INF/MANIFEST.json; InputError if it is not one."""
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            model = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        return str(model["modelName"]), str(model["modelVersion"])
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(
+            f"{archive} is not a model archive ({exc}): build one with `python -m archive.build`"
+        ) from None
+
+
+def deploy(client: Client, archive: Path) -> tuple[str, str, bool]:
+    """Serve `archive`'s version as its model's default, next to the versions already registered.
+
+    The archive is copied to <store>/<name>-<version>.mar (the store is its directory, which must
+    be the server's model store), so each version keeps its own file for a later re-registration.
+    Returns (name, version, registered_now); registering is skipped when the version is up already.
+    """
+    name, version = archive_identity(archive)
+    versioned = archive.with_name(f"{name}-{version}.mar")
+    if not versioned.is_file():
+        shutil.copyfile(archive, versioned)
+    registered_now = version not in client.versions(name)
+    if registered_now:
+        client.register(versioned.name)
+    client.set_default(version, name)
+    return name, version, registered_now

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from archive.build import (
@@ -269,12 +270,22 @@ def test_existing_archive_is_replaced_by_same_model_or_new_version(
 def test_same_version_of_a_different_model_is_refused_unless_forced(published, tmp_path):
     export = make_random_export(tmp_path / "export", seed=1)
     before = (published / "fashion_mnist.mar").read_bytes()
-    with pytest.raises(ArchiveError, match="already holds version 1.0 of a different model.pt"):
+    with pytest.raises(ArchiveError, match="already holds version 1.0 of a different model"):
         build(export, published)
     assert (published / "fashion_mnist.mar").read_bytes() == before
     assert build(export, published, force=True).replaced == "overwritten (--force)"
     with zipfile.ZipFile(published / "fashion_mnist.mar") as mar:
         assert mar.read("model.pt") == (export / "model.pt").read_bytes()
+
+
+def test_same_weights_in_different_bytes_count_as_the_same_model(published, tmp_path):
+    """A rebuild re-scripts the model, so model.pt's bytes differ; what it computes does not."""
+    export = make_random_export(tmp_path / "export")
+    scripted = torch.jit.load(str(export / "model.pt"))
+    torch.jit.save(scripted, str(export / "model.pt"), _extra_files={"rebuilt": "yes"})
+    with zipfile.ZipFile(published / "fashion_mnist.mar") as mar:
+        assert mar.read("model.pt") != (export / "model.pt").read_bytes()
+    assert build(export, published).replaced == "replaced version 1.0 (same model)"
 
 
 def test_unreadable_file_in_the_way_is_refused_unless_forced(export, tmp_path):

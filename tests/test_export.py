@@ -49,6 +49,20 @@ def test_meta_has_the_reference_the_server_bins_against(export_dir: Path) -> Non
     assert sum(stats["class_counts"]) == 55000 and len(stats["class_counts"]) == len(CLASSES)
 
 
+def test_version_is_derived_from_the_weights_and_reexport_keeps_it(
+    trained_run: Path, real_data_root: Path, export_dir: Path, tmp_path: Path
+) -> None:
+    """No version typed: it is a hash of what the model computes, so a re-export gets the same one."""
+    from model import model_version
+
+    meta = export(trained_run, tmp_path / "a", data_root=real_data_root)
+    again = export(trained_run, tmp_path / "b", data_root=real_data_root)
+    assert meta.version == model_version(meta.weights_digest, meta.to_json()) == again.version
+    fixture_meta = json.loads((export_dir / "model_meta.json").read_text())
+    assert meta.weights_digest == fixture_meta["weights_digest"], "same checkpoint, same weights digest"
+    assert meta.data_hash is None, "a split not made by the DVC pipeline has no DVC hash to record"
+
+
 def test_index_to_name_matches_classes(export_dir: Path) -> None:
     mapping = json.loads((export_dir / "index_to_name.json").read_text())
     assert [mapping[str(i)] for i in range(len(CLASSES))] == CLASSES

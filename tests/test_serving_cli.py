@@ -84,6 +84,13 @@ def test_status_reports_health_and_workers(model: Instance) -> None:
     done = serve_cli(*on(model, "status"))
     assert done.returncode == 0, done.stderr
     assert "Healthy" in done.stdout and f"{MODEL} " in done.stdout and "1/1 workers ready" in done.stdout
+    assert "(default)" in done.stdout, "status must mark the version /predictions serves"
+
+
+def test_set_default_explains_a_version_that_is_not_registered(model: Instance) -> None:
+    done = serve_cli(*on(model, "set-default", "0000deadbeef"))
+    assert done.returncode == 1
+    assert "`python -m scripts.serve status` lists the registered versions" in done.stderr
 
 
 def test_predict_prints_a_top_k_table(
@@ -122,8 +129,14 @@ def test_predict_lists_a_refused_image_in_its_row_and_exits_1(model: Instance, t
 
 @pytest.mark.parametrize(
     "command",
-    [["status"], ["register"], ["unregister"], ["scale", "--min-workers", "1", "--max-workers", "1"]],
-    ids=["status", "register", "unregister", "scale"],
+    [
+        ["status"],
+        ["register"],
+        ["unregister"],
+        ["scale", "--min-workers", "1", "--max-workers", "1"],
+        ["set-default", "0000deadbeef"],
+    ],
+    ids=["status", "register", "unregister", "scale", "set-default"],
 )
 def test_commands_explain_a_server_that_is_not_running(tmp_path: Path, command: list[str]) -> None:
     done = serve_cli(*on(Instance("never-started", tmp_path), *command))
@@ -167,11 +180,19 @@ def test_register_explains_an_archive_outside_the_store(server: Instance, archiv
         (["predict", "no/such/file.png"], "does not exist"),
         (["scale", "--min-workers", "2", "--max-workers", "1"], "need 0 <= --min-workers <= --max-workers"),
         (["start", "--model-store", "no/such/store"], "does not exist: build the archive"),
+        (["deploy", "no/such/fashion_mnist.mar"], "does not exist: build it with `python -m archive.build`"),
         (["frobnicate"], "invalid choice"),
     ],
-    ids=["missing-image", "bad-worker-range", "missing-store", "unknown-command"],
+    ids=["missing-image", "bad-worker-range", "missing-store", "missing-archive", "unknown-command"],
 )
 def test_bad_input_exits_2_with_the_fix(tmp_path: Path, args: list[str], message: str) -> None:
     done = serve_cli(*on(Instance("input", tmp_path), *args))
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_deploy_refuses_a_file_that_is_not_an_archive(tmp_path: Path) -> None:
+    (tmp_path / "fashion_mnist.mar").write_text("not a zip")
+    done = serve_cli(*on(Instance("input", tmp_path), "deploy", str(tmp_path / "fashion_mnist.mar")))
+    assert done.returncode == 2
+    assert "is not a model archive" in done.stderr and "python -m archive.build" in done.stderr

@@ -39,7 +39,7 @@ def test_smoke_run_writes_checkpoint_metrics_config_and_wandb(compose_cfg, tiny_
     run = tmp_path / "run"
     summary = train(cfg, run)
     assert (run / "checkpoints" / "best.ckpt").is_file()
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
     assert any(r.get("val/acc") for r in rows), "metrics.csv has no validation accuracy"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["root"] == str(tiny_data_root) and saved["seed"] == cfg.seed

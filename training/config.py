@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from training.cli import repo_path
+from training.cli import REPO_ROOT, repo_path
+
+CONFIG_DIR = str(REPO_ROOT / "configs")
 
 
 @dataclass

@@ -317,6 +317,45 @@ def prepare(
     return manifest
 
 
+def dvc_data_hash(out_dir: Path, repo: Path = Path(".")) -> str | None:
+    """DVC's hash of <out_dir>/processed as `dvc.lock` records it, checked against the files on disk.
+
+    None when the split was not produced by the DVC pipeline (no lock entry or cached listing), or
+    when any file differs from what DVC recorded: a hash is only written where it is true.
+    """
+    lock, processed = repo / "dvc.lock", out_dir / "processed"
+    if not lock.is_file():
+        return None
+    import yaml
+
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    target = processed.resolve()
+    recorded = next(
+        (
+            out["md5"]
+            for stage in stages.values()
+            for out in stage.get("outs", [])
+            if (repo / out["path"]).resolve() == target and str(out.get("md5", "")).endswith(".dir")
+        ),
+        None,
+    )
+    if recorded is None:
+        return None
+    # DVC 3's cache keeps a directory's file list as JSON under files/md5/<2 hex>/<rest>.
+    listing = repo / ".dvc" / "cache" / "files" / "md5" / recorded[:2] / recorded[2:]
+    if not listing.is_file():
+        return None
+    entries = json.loads(listing.read_text())
+    on_disk = sorted(p.relative_to(processed).as_posix() for p in processed.rglob("*") if p.is_file())
+    if on_disk != sorted(entry["relpath"] for entry in entries):
+        return None
+    for entry in entries:
+        with open(processed / entry["relpath"], "rb") as fh:
+            if _md5(_read_chunks(fh)) != entry["md5"]:
+                return None
+    return "md5:" + recorded.removesuffix(".dir")
+
+
 def load_split(out_dir: Path, name: str) -> Split:
     """Load one processed split; says which command creates it when it is missing."""
     if name not in SPLITS:

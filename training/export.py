@@ -3,11 +3,16 @@
     python -m training.export              # <repo>/outputs/train/latest -> <repo>/artifacts/model
     python -m training.export --run outputs/train/2026-11-26_10-00-00 --out artifacts/model --version 1.1
 
+The version defaults to a short hash of what the model computes (weights + the metadata that
+changes its answers, model/fingerprint.py): the same model always gets the same version, a
+retrained one a new version, and nobody types one by hand.
+
 Writes, atomically (a failed export leaves the previous one in place):
   model.pt             torch.jit.script, NOT frozen, so other torch versions load it
                        (serving and evaluation freeze after loading)
   model_meta.json      handler.meta.ModelMeta: preprocessing, classes, version, git commit,
-                       config hash, test/val accuracy, reference input statistics for drift checks
+                       config hash, DVC data hash, weights digest, test/val accuracy,
+                       reference input statistics for drift checks
   index_to_name.json   class index -> label, from the same ModelMeta
   train_config.yaml    the run's resolved Hydra config
 
@@ -36,9 +41,9 @@ from omegaconf import OmegaConf
 from handler.meta import NAME_PATTERN, ModelMeta
 from handler.monitor import reference_histograms
 from handler.preprocess import PreprocessSpec, normalize
-from model import count_parameters
+from model import count_parameters, model_version, weights_digest
 from training.cli import EXIT_USAGE, EXPORT_DIR, REPO_ROOT, RUN_ROOT, StageError, repo_path, run_stage
-from training.data import CLASSES, load_split
+from training.data import CLASSES, dvc_data_hash, load_split
 from training.evaluate import predict_logits
 from training.train import FashionClassifier
 
@@ -144,9 +149,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = None) -> ModelMeta:
-    """Export run's best checkpoint into `out`; return the metadata written."""
-    if not NAME_PATTERN.match(version):
+def export(run: Path, out: Path, version: str | None = None, data_root: Path | None = None) -> ModelMeta:
+    """Export run's best checkpoint into `out`; return the metadata written.
+
+    `version=None` derives it from the weights and metadata (model/fingerprint.py).
+    """
+    if version is not None and not NAME_PATTERN.match(version):
         raise ExportError(f"--version {version!r} must match {NAME_PATTERN.pattern}", exit_code=EXIT_USAGE)
     ckpt, cfg_path = resolve_run(run)
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
@@ -168,15 +176,18 @@ def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = 
             "test_accuracy": int((test_logits.argmax(1) == test.labels).sum()) / len(test),
             "val_accuracy": int((val_logits.argmax(1) == val.labels).sum()) / len(val),
         }
+        architecture = {
+            "class": type(eager).__name__,
+            **{k: cfg["model"][k] for k in ("width", "depth", "dropout", "hidden")},
+            "num_params": count_parameters(eager),
+        }
+        weights = weights_digest(scripted)
+        identity = {"architecture": architecture, "preprocess": spec.to_meta(), "classes": CLASSES}
         meta = ModelMeta(
-            version=version,
+            version=version or model_version(weights, identity),
             classes=CLASSES,
             preprocess=spec,
-            architecture={
-                "class": type(eager).__name__,
-                **{k: cfg["model"][k] for k in ("width", "depth", "dropout", "hidden")},
-                "num_params": count_parameters(eager),
-            },
+            architecture=architecture,
             metrics=accuracy,
             reference_stats=reference_stats(
                 train.images, train.labels, torch.softmax(val_logits, 1).amax(1), spec
@@ -186,6 +197,10 @@ def export(run: Path, out: Path, version: str = "1.0", data_root: Path | None = 
             config_hash=config_hash(cfg),
             torch_version=torch.__version__.split("+")[0],
             source={"run_dir": str(run.resolve()), "checkpoint": str(ckpt.resolve())},
+            # Provenance and identity: which exact split (DVC's hash, None outside the pipeline)
+            # and which weights.
+            data_hash=dvc_data_hash(data_root, REPO_ROOT),
+            weights_digest=weights,
         )
         meta.save(staging)
         shutil.copy2(cfg_path, staging / "train_config.yaml")
@@ -201,7 +216,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     parser.add_argument("--run", type=Path, default=RUN_ROOT / "latest", help="training run dir")
     parser.add_argument("--out", type=Path, default=EXPORT_DIR, help="export dir")
-    parser.add_argument("--version", default="1.0", help="model version served by TorchServe")
+    parser.add_argument(
+        "--version", help="model version served by TorchServe (default: derived from weights + metadata)"
+    )
     parser.add_argument("--data", type=Path, help="processed data root (default: the run's data.root)")
     args = parser.parse_args(None if argv is None else list(argv))
 

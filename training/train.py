@@ -6,10 +6,15 @@
     python -m training.train trainer=ddp                       # 2 processes (DDP), see docs/training.md
 
 Each run gets outputs/train/<timestamp>/ holding the resolved config (config.yaml),
-checkpoints/best.ckpt (best validation accuracy), metrics.csv and, unless
-logger=csv, an offline W&B run in wandb/. outputs/train/latest points at the
-newest run; `python -m training.export` reads it from there. With `export_dir=DIR` the run
-exports itself there when training ends.
+checkpoints/best.ckpt (best validation accuracy), logs/metrics.csv, history.csv (one row
+per epoch: the training curves) and, unless logger=csv, an offline W&B run in wandb/.
+outputs/train/latest points at the newest run; `python -m training.export` reads it from there.
+With `export_dir=DIR` the run exports itself there when training ends.
+
+The DVC pipeline's train stage loads params.yaml (rendered from configs/ by
+`python -m training.params`) instead of composing configs/ itself:
+
+    python -m training.train --config-dir . --config-name params hydra.run.dir=outputs/train/pipeline
 
 In a distributed run (trainer=ddp, or under torchrun) every process trains on its own shard
 of the data, and only global rank 0 writes anything: config, checkpoint, metrics, the W&B
@@ -18,6 +23,10 @@ run, the summary and the export.
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import json
+import logging
 import os
 import sys
 import time
@@ -39,12 +48,16 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from handler.preprocess import PreprocessSpec, normalize
 from model import FashionCNN
-from training.cli import EXIT_USAGE, REPO_ROOT, StageError, repo_path
-from training.config import DataConfig, ModelConfig, TrainerConfig, register_configs
-from training.data import CLASSES, load_split, prepare
+from training.cli import EXIT_USAGE, StageError, repo_path
+from training.config import CONFIG_DIR, DataConfig, ModelConfig, TrainerConfig, register_configs
+from training.data import CLASSES, MANIFEST, load_split, prepare
 from training.loading import make_loader
 
-CONFIG_DIR = str(REPO_ROOT / "configs")
+# Lightning advertises its cloud logger (litlogger) on every fit: nothing a user of this project can act on.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 
 
 class SettingsError(StageError):
@@ -62,8 +75,15 @@ class FashionDataModule(L.LightningDataModule):
         self.seed = seed
 
     def prepare_data(self) -> None:
+        root = repo_path(self.cfg.root)
+        manifest = root / "processed" / MANIFEST
+        split = {"val_size": self.cfg.val_size, "seed": self.cfg.split_seed}
+        # A split already written with these settings (by `python -m training.data`, or the DVC
+        # pipeline's prepare stage, whose output this stage must not rewrite) is used as it is.
+        if manifest.is_file() and json.loads(manifest.read_text()).get("split") == split:
+            return
         src = repo_path(self.cfg.source_dir) if self.cfg.source_dir else None
-        prepare(repo_path(self.cfg.root), src, self.cfg.val_size, self.cfg.split_seed)
+        prepare(root, src, self.cfg.val_size, self.cfg.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
         root = repo_path(self.cfg.root)
@@ -139,22 +159,52 @@ class FashionClassifier(L.LightningModule):
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(str(run_dir), name="", version="")]
+    # Its own subdirectory: the run dir already holds config.yaml and Hydra's files, and Lightning
+    # warns about a non-empty log directory.
+    loggers: list[Logger] = [CSVLogger(str(run_dir), name="logs", version="")]
     if cfg.logger.wandb:
         # Offline unless the user asked otherwise: never prompts, never needs the network.
         os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
         os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers.append(
-            WandbLogger(
+        # The run is started here, not by WandbLogger: the logger passes W&B's deprecated `anonymous`
+        # setting to wandb.init, which then warns on every run. Rank 0 only, like all other writing.
+        if rank_zero_only.rank == 0:
+            run = wandb.init(
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
-                save_dir=str(run_dir),
+                dir=str(run_dir),
                 config=OmegaConf.to_container(cfg, resolve=True),
             )
-        )
+            loggers.append(WandbLogger(experiment=run))
     return loggers
+
+
+def epoch_history(metrics_csv: Path) -> list[dict[str, float]]:
+    """One row per epoch (HISTORY_FIELDS) from Lightning's metrics.csv, whose rows are sparse."""
+    columns = {
+        "train/loss_epoch": "train_loss", "train/acc_epoch": "train_acc",
+        "val/loss": "val_loss", "val/acc": "val_acc",
+    }  # fmt: skip
+    rows: dict[int, dict[str, float]] = {}
+    with metrics_csv.open(newline="") as fh:
+        for line in csv.DictReader(fh):
+            if not line.get("epoch"):
+                continue
+            epoch = int(line["epoch"])
+            row = rows.setdefault(epoch, {"epoch": epoch})
+            row.update({name: float(line[key]) for key, name in columns.items() if line.get(key)})
+    return [rows[e] for e in sorted(rows)]
+
+
+def write_history(metrics_csv: Path, out: Path) -> None:
+    """history.csv: the training curves the DVC pipeline plots (`dvc plots show`)."""
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(epoch_history(metrics_csv))
 
 
 def _point_latest(run_dir: Path) -> None:
@@ -172,21 +222,27 @@ TRAINER_ARGS = (
 )  # fmt: skip
 
 
-def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list[Callback]) -> L.Trainer:
+def _trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list[Callback], max_seconds: float | None = None
+) -> L.Trainer:
     return L.Trainer(
         **{name: cfg.trainer[name] for name in TRAINER_ARGS},
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         callbacks=callbacks,
+        max_time=None if max_seconds is None else dt.timedelta(seconds=max_seconds),
         logger=_loggers(cfg, run_dir),
         default_root_dir=str(run_dir),
     )
 
 
-def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> dict:
+def train(
+    cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = (), max_seconds: float | None = None
+) -> dict:
     """Train with a composed config into run_dir; `callbacks` join the run's own. Returns a summary dict.
 
-    Every process of a distributed run calls this; only global rank 0 writes into run_dir.
+    training.tune passes Optuna's pruning callback, and `max_seconds`: a wall-time budget after which
+    training stops. Every process of a distributed run calls this; only global rank 0 writes into run_dir.
     """
     torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -204,7 +260,7 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     try:
-        trainer = _trainer(cfg, run_dir, callbacks)
+        trainer = _trainer(cfg, run_dir, callbacks, max_seconds)
     except (ValueError, MisconfigurationException) as exc:
         raise SettingsError(
             f"{exc} (set by the trainer.* overrides; configs/trainer/ holds the presets)"
@@ -214,10 +270,16 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
         # Resolved (no ${...} left), so export and anyone reading the run see the exact values used.
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        for logger in trainer.loggers:
+            logger.finalize("success")
+    finally:
+        if cfg.logger.wandb:  # the run _loggers started, also when a callback stopped the fit
+            import wandb
+
+            wandb.finish()
     seconds = time.perf_counter() - t0
-    for logger in trainer.loggers:
-        logger.finalize("success")
     best = checkpoint.best_model_score
     summary = {
         "run_dir": str(run_dir),
@@ -229,6 +291,7 @@ def train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) ->
     if not trainer.is_global_zero:
         return summary
     OmegaConf.save(OmegaConf.create(summary), run_dir / "summary.yaml")
+    write_history(run_dir / "logs" / "metrics.csv", run_dir / "history.csv")
     _point_latest(run_dir)
     if cfg.export_dir:
         from training.export import export  # imports this module: not at the top
