@@ -118,10 +118,13 @@ def objective(base: Sequence[str], run_root: Path, trial_seconds: float):
 
 
 def write_preset(study: optuna.Study, path: Path, base: Sequence[str]) -> Path:
-    """The best trial as a Hydra experiment preset (`experiment=<name>`), nested like configs/."""
+    """The best trial as a Hydra preset (`experiment=<name>`): its values that differ from configs/."""
     best = study.best_trial
+    defaults = compose_trial((), {})
     nested: dict[str, dict[str, Any]] = {}
     for key, value in best.params.items():
+        if OmegaConf.select(defaults, key) == value:
+            continue  # a preset holds only what differs from configs/ (tests/test_config.py)
         group, name = key.split(".")
         nested.setdefault(group, {})[name] = value
     header = (
