@@ -27,7 +27,7 @@ def test_study_completes_resumes_prunes_and_writes_a_preset(base, tmp_path) -> N
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     common = {
         "storage": storage, "base": base, "trial_seconds": 120, "startup_trials": 2,
-        "preset": tmp_path / "experiment" / "tuned.yaml", "reports": tmp_path / "reports",
+        "preset": tmp_path / "experiment" / "study_best.yaml", "reports": tmp_path / "reports",
         "run_root": tmp_path / "runs",
     }  # fmt: skip
     study = tune(3, enqueue=[GOOD, BAD], **common)  # trial 0 is the baseline: the config's own values
@@ -50,7 +50,8 @@ def test_study_completes_resumes_prunes_and_writes_a_preset(base, tmp_path) -> N
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "experiment=tuned"])
+        # A name no preset in configs/ has: the repository's own config dir comes first on the search path.
+        cfg = compose("train", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "experiment=study_best"])
     best = resumed.best_trial.params
     assert cfg.model.width == best["model.width"] and cfg.trainer.lr == pytest.approx(best["trainer.lr"])
 

@@ -64,10 +64,13 @@ def derived_export(directory: Path, seed: int) -> str:
 
 
 @pytest.mark.serving
-def test_deploy_registers_beside_the_old_version_and_set_default_rolls_back(tmp_path: Path) -> None:
+def test_deploy_registers_beside_the_old_version_and_set_default_rolls_back(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     store = tmp_path / "store"
     old, new = (derived_export(tmp_path / f"export{seed}", seed) for seed in (0, 1))
-    instance = Instance("versions", tmp_path / "serve")
+    # A short state dir: TorchServe's unix socket paths live under it (serving/server.py checks).
+    instance = Instance("versions", tmp_path_factory.mktemp("serve"))
     build(tmp_path / "export0", store)
     start(instance, store, ANY_PORTS)
     try:
