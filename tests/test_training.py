@@ -51,6 +51,21 @@ def test_smoke_run_writes_checkpoint_metrics_config_and_wandb(compose_cfg, tiny_
     assert summary["best_val_acc"] == pytest.approx(logged, abs=1e-6), (summary, logged)
 
 
+def test_a_run_prints_none_of_the_notices_a_user_cannot_act_on(
+    compose_cfg, tiny_data_root, tmp_path, capfd, caplog, recwarn
+) -> None:
+    """Lightning's litlogger tip, W&B's `anonymous` deprecation, Lightning's non-empty log dir warning."""
+    cfg = compose_cfg(*SMOKE, f"data.root={tiny_data_root}", "logger.wandb=true", "data.batch_size=16")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("Hydra writes its log here before training starts\n")
+    with caplog.at_level("INFO"):
+        train(cfg, run)
+    printed = "".join(capfd.readouterr()) + caplog.text + "".join(str(w.message) for w in recwarn)
+    for notice in ("litlogger", "anonymous setting", "exists and is not empty"):
+        assert notice not in printed, f"the run printed {notice!r}"
+
+
 def test_same_seed_same_validation_accuracy(compose_cfg, tiny_data_root, tmp_path) -> None:
     cfg = compose_cfg(*SMOKE, f"data.root={tiny_data_root}", "data.batch_size=16", "data.augment=true")
     a = train(cfg, tmp_path / "a")["best_val_acc"]
