@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from serving import MODEL_NAME
-from serving.client import Client, KeyRefused, RequestFailed, deploy
+from serving.client import Client, KeyRefused, RequestFailed, archive_identity, deploy
 from serving.server import (
     DEFAULT_PORTS,
     DEFAULT_STATE_ROOT,
@@ -131,6 +131,7 @@ def cmd_deploy(args: argparse.Namespace, instance: Instance) -> int:
         raise InputError(
             f"{args.archive} does not exist: build it with `python -m archive.build` (or `dvc repro`)"
         )
+    archive_identity(args.archive)  # a bad file is an input error, whether or not a server runs
     client = make_client(args, instance)
     name, version, registered_now = deploy(client, args.archive)
     others = [v for v in client.versions(name) if v != version]
