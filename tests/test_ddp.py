@@ -77,7 +77,7 @@ def test_validation_accuracy_is_reduced_over_both_shards(ranks) -> None:
     assert c0 / n0 != c1 / n1, "the shards score the same; pick other batch limits so the test can fail"
     pooled = (c0 + c1) / (n0 + n1)
     assert r0["reported_val_acc"] == pytest.approx(pooled) == r1["reported_val_acc"]
-    rows = list(csv.DictReader((out / "rank0" / "run" / "metrics.csv").open()))
+    rows = list(csv.DictReader((out / "rank0" / "run" / "logs" / "metrics.csv").open()))
     logged = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
     assert logged == [pytest.approx(pooled)]
 
@@ -87,7 +87,7 @@ def test_only_rank_zero_writes(ranks) -> None:
     out, _ = ranks
     assert not (out / "rank1").exists(), sorted(p.name for p in (out / "rank1").rglob("*"))
     run_dir = out / "rank0" / "run"
-    for name in ("config.yaml", "summary.yaml", "metrics.csv", "checkpoints/best.ckpt"):
+    for name in ("config.yaml", "summary.yaml", "logs/metrics.csv", "history.csv", "checkpoints/best.ckpt"):
         assert (run_dir / name).is_file(), f"rank 0 did not write {name}"
     assert list((run_dir / "wandb").glob("offline-run-*")), "rank 0 wrote no offline W&B run"
     for name in ("model.pt", "model_meta.json"):
