@@ -134,12 +134,11 @@ class FashionMNISTHandler(BaseHandler):
                 request = parse_request(row, context.get_all_request_header(idx), len(self.classes))
                 inputs.append(preprocess(request.image, self.spec))
             except InputError as err:
-                answers[idx] = self._reject(context, idx, err)
-                if self.monitor:
-                    self.monitor.rejected(err.status, err.error)
+                _log_rejection(context.get_request_id(idx), err)
+                answers[idx] = self._refuse(context, idx, err)
                 continue
             except Exception:
-                answers[idx] = self._contain(context, idx)
+                answers[idx] = self._refuse(context, idx, _unforeseen(context.get_request_id(idx)))
                 continue
             positions.append(idx)
             ks.append(request.top_k)
@@ -155,36 +154,28 @@ class FashionMNISTHandler(BaseHandler):
         context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
         return answers
 
-    @staticmethod
-    def _reject(context: Any, idx: int, err: InputError) -> dict[str, str]:
-        # Bad input is the client's problem: one WARNING line, no traceback, and the rest of the
-        # batch is answered normally.
-        logger.warning(
-            "request %s rejected: %d %s: %s",
-            context.get_request_id(idx),
-            err.status,
-            err.error,
-            " ".join(err.detail.split()),
-        )
-        return FashionMNISTHandler._answer(context, idx, err)
-
-    @staticmethod
-    def _contain(context: Any, idx: int) -> dict[str, str]:
-        # An input the code did not foresee: still this request's own 400, but logged once with its
-        # traceback (an ERROR), because it marks a gap in handler.payload/preprocess to close.
-        request_id = context.get_request_id(idx)
-        logger.exception("request %s: unforeseen failure while reading its input", request_id)
-        return FashionMNISTHandler._answer(
-            context,
-            idx,
-            InputError(
-                "unprocessable_input",
-                f"the server could not read this input (request id {request_id}); check it against the "
-                "API in docs/serving.md, and report it if it is a valid image",
-            ),
-        )
-
-    @staticmethod
-    def _answer(context: Any, idx: int, err: InputError) -> dict[str, str]:
+    def _refuse(self, context: Any, idx: int, err: InputError) -> dict[str, str]:
+        """This request's own 4xx: its status, its JSON body, and a count in the rejection metrics."""
         context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
+        if self.monitor:
+            self.monitor.rejected(err.status, err.error)
         return err.to_json()
+
+
+def _log_rejection(request_id: str, err: InputError) -> None:
+    # Bad input is the client's problem: one WARNING line, no traceback, and the rest of the
+    # batch is answered normally.
+    logger.warning(
+        "request %s rejected: %d %s: %s", request_id, err.status, err.error, " ".join(err.detail.split())
+    )
+
+
+def _unforeseen(request_id: str) -> InputError:
+    """An input the code did not foresee: still this request's own 400, but logged once with its
+    traceback (an ERROR), because it marks a gap in handler.payload/preprocess to close."""
+    logger.exception("request %s: unforeseen failure while reading its input", request_id)
+    return InputError(
+        "unprocessable_input",
+        f"the server could not read this input (request id {request_id}); check it against the "
+        "API in docs/serving.md, and report it if it is a valid image",
+    )

@@ -363,6 +363,9 @@ def test_an_unforeseen_failure_is_that_request_s_own_400_logged_once(service, re
         return real_preprocess(image, spec)
 
     monkeypatch.setattr(fashion_handler, "preprocess", failing_on_marker)
+    counted: list[tuple[int, str]] = []
+    handler = service._entry_point.__self__  # the FashionMNISTHandler behind TorchServe's Service
+    monkeypatch.setattr(handler.monitor, "rejected", lambda status, error: counted.append((status, error)))
     caplog.set_level(logging.INFO)
     answers = ask(
         service,
@@ -377,6 +380,7 @@ def test_an_unforeseen_failure_is_that_request_s_own_400_logged_once(service, re
     logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [(r.levelname, r.exc_info is not None) for r in logged] == [("ERROR", True)]
     assert "request-1" in logged[0].getMessage()
+    assert counted == [(400, "unprocessable_input")], "the contained failure must count as a rejected input"
 
 
 @pytest.mark.parametrize(("value", "threads"), [(None, 1), ("3", 3)])
