@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from training.cli import DATA_DIR, REPO_ROOT, run_stage
+from serving.docblock import DocBlockError, write_block
+from training.cli import DATA_DIR, EXIT_USAGE, REPO_ROOT, StageError, run_stage
 from training.config import DataConfig, TrainerConfig
 from training.data import load_split
 from training.loading import throughput
 
 PROG = "python -m scripts.bench_loading"
-BEGIN, END = "<!-- bench_loading:begin -->", "<!-- bench_loading:end -->"
 
 
 def render(results: list[dict], argv: list[str], batch_size: int, threads: int) -> str:
@@ -46,8 +46,7 @@ def render(results: list[dict], argv: list[str], batch_size: int, threads: int) 
     def workers(row: dict) -> str:
         return f"{row['num_workers']} worker" + ("" if row["num_workers"] == 1 else "s")
 
-    return f"""{BEGIN}
-## Data loading
+    return f"""## Data loading
 
 Measured by `{shlex.join([*PROG.split(), *argv])}` on {time.strftime("%Y-%m-%d")}, {os.cpu_count()} CPU
 cores ({platform.machine()}), torch {torch.__version__}, load average {load:.1f} at the end: images/s of
@@ -64,19 +63,7 @@ With 0 workers the batches are gathered and augmented in the training process, w
 multi-threaded: on small tensors the thread hand-offs cost more than the work, badly so on a busy
 machine. A worker runs single-threaded and beside the training threads. `data.persistent_workers` and
 `data.prefetch_factor` apply once `data.num_workers` is above 0; training/config.py says which default
-these figures led to, and why.
-{END}"""
-
-
-def write_block(doc: Path, block: str) -> None:
-    """Replace the marked block in `doc`, or append it if the doc has no markers yet."""
-    text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text, encoding="utf-8")
+these figures led to, and why."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"images/s, later {r['steady_images_per_s']:,} images/s"
                 )
         used = sys.argv[1:] if argv is None else argv
-        write_block(args.doc, render(results, used, base.batch_size, threads))
+        try:
+            write_block(args.doc, "bench_loading", render(results, used, base.batch_size, threads))
+        except DocBlockError as exc:
+            raise StageError(str(exc), exit_code=EXIT_USAGE) from None
         print(f"wrote {args.doc}")
 
     return run_stage(PROG, run)

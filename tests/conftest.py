@@ -29,6 +29,7 @@ from handler.meta import ModelMeta
 from model import FashionCNN
 from serving.client import Client
 from serving.server import Instance
+from serving.tsconfig import parse_properties
 from training import data as data_mod
 from training.config import register_configs
 from training.data import CLASSES
@@ -209,7 +210,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
     Parametrize with `@pytest.mark.parametrize("served", [...targets], indirect=True)`; default "local".
     """
-    from tests.reliability import TARGET_CONFIGS, property_value, random_archive, serving_store_copy
+    from tests.reliability import TARGET_CONFIGS, random_archive, serving_store_copy
 
     archive = random_archive(tmp_path_factory, BATCHING)
     config = TARGET_CONFIGS[request.param]()
@@ -217,7 +218,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         client = Client.for_instance(instance)
         described = client.describe()[0]
         assert (described["batchSize"], described["maxBatchDelay"]) == (BATCH_SIZE, BATCH_DELAY_MS), described
-        decodes = (property_value(config, "decode_input_request") or "true").lower() == "true"
+        decodes = parse_properties(config).get("decode_input_request", "true").lower() == "true"
         yield Served(request.param, instance, client, archive.export, decodes)
 
 

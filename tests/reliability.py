@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,7 +29,7 @@ from archive.build import ServingConfig, build
 from serving import MODEL_NAME
 from serving.client import Client
 from serving.server import ANY_PORTS, Instance, start, stop
-from serving.tsconfig import override, render
+from serving.tsconfig import override, parse_properties, render
 from serving.waiting import wait_for
 from tests.conftest import make_random_export
 
@@ -75,12 +74,6 @@ def random_archive(
     return RandomArchive(export, store)
 
 
-def property_value(properties: str, name: str) -> str | None:
-    """The value a Java properties text gives `name` (the last one wins), or None."""
-    values = re.findall(rf"^\s*{re.escape(name)}\s*[=:]\s*(.*?)\s*$", properties, re.MULTILINE)
-    return values[-1] if values else None
-
-
 def local_variant(properties: str, store: Path) -> str:
     """A target's TorchServe settings made runnable here, everything else kept: this run's model store.
 
@@ -109,7 +102,7 @@ def serving_store_copy(
     start(instance, store, ANY_PORTS, config=None if config is None else local_variant(config, store))
     try:
         client = Client.for_instance(instance)
-        if config is None or property_value(config, "load_models") is None:
+        if config is None or "load_models" not in parse_properties(config):
             client.register(**register)
         else:
             wait_for(lambda: worker_pids(client), 120, "a worker of the model load_models names")
