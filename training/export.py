@@ -178,7 +178,7 @@ def export(run: Path, out: Path, version: str | None = None, data_root: Path | N
         }
         architecture = {
             "class": type(eager).__name__,
-            **{k: cfg["model"][k] for k in ("width", "depth", "dropout", "hidden")},
+            **cfg["model"],  # every training.config.ModelConfig field: what the net was built from
             "num_params": count_parameters(eager),
         }
         weights = weights_digest(scripted)
