@@ -16,7 +16,7 @@ help:  ## list the targets
 setup:  ## venv + requirements, Java 17, Fashion-MNIST Debian package (idempotent)
 	scripts/setup.sh
 
-setup-dev:  ## setup plus the real servers the tests use (nginx, prometheus, ab, docker), the git hook
+setup-dev:  ## setup plus the real servers the tests use (nginx, prometheus, wrk, docker), the git hook
 	scripts/setup.sh --dev
 
 all: setup  ## THE MAIN JOB: setup, then data -> train -> export -> evaluate -> archive -> serve -> predict
