@@ -27,6 +27,7 @@ from serving.wrk import WrkResult
 
 CLIENTS = (1, 16)
 WARMUP_S = 2.0  # the JVM's JIT and the worker's first batches, before anything is timed
+REGISTER_TIMEOUT_S = 600.0  # a synchronous registration waits for workers to import torch (slow when busy)
 
 
 def cold_start(instance: Instance, store: Path, body: bytes) -> dict[str, float]:
