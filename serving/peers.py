@@ -42,7 +42,17 @@ from serving import MODEL_NAME, REPO, wrk
 from serving.bench import REGISTER_TIMEOUT_S, inference
 from serving.client import Client
 from serving.docblock import machine
-from serving.server import ANY_PORTS, HOST, InputError, Instance, ServeError, free_ports, start, stop
+from serving.server import (
+    ANY_PORTS,
+    HOST,
+    InputError,
+    Instance,
+    ServeError,
+    free_ports,
+    log_tail,
+    start,
+    stop,
+)
 from serving.waiting import WaitTimeout, wait_for
 from serving.wrk import WrkResult
 
@@ -57,9 +67,11 @@ APPS = Path(__file__).resolve().parent / "peer_apps"
 STOCK_HANDLER = APPS / "stock_handler.py"
 LITSERVE_APP = APPS / "litserve_app.py"
 # Stock TorchServe settings, but for what a benchmark must change: no tokens (as the table
-# ran it) and the management API open to register the archive with each config.
-STOCK_CONFIG = "disable_token_authorization=true\nenable_model_api=true\n"
+# ran it), the management API open to register the archive with each config, and time for a worker
+# to load on a busy machine (the stock handler imports captum; the default 120 s can run out).
+STOCK_CONFIG = "disable_token_authorization=true\nenable_model_api=true\ndefault_startup_timeout=600\n"
 PEERS = ("project", "stock", "litserve")
+PEER_MODULES = ("litserve", "captum", "ts", "torchvision", "multipart")  # what the peers import
 GOAL_RATIO = 2.5  # the goal: the project's defaults serve 2.5x the best peer at 16 clients
 GOAL_P99_MS = 10.0
 TOP_K = 5
@@ -137,13 +149,15 @@ def check(setup: Setup) -> None:
     if {"stock", "litserve"} & set(setup.peers):
         if not setup.peer_python.is_file():
             raise InputError(f"no peer venv at {setup.peer_python.parent.parent}: {VENV_HINT}")
-        probe = subprocess.run(
-            [str(setup.peer_python), "-c", "import litserve, captum, ts, torchvision"],
-            capture_output=True,
-            text=True,
+        # find_spec, not import: importing torch can take a minute on a busy machine.
+        script = (
+            "import importlib.util as u; "
+            f"print(' '.join(m for m in {PEER_MODULES!r} if u.find_spec(m) is None))"
         )
-        if probe.returncode != 0:
-            raise InputError(f"the peer venv lacks a package ({probe.stderr.strip()[-200:]}): {VENV_HINT}")
+        probe = subprocess.run([str(setup.peer_python), "-c", script], capture_output=True, text=True)
+        if probe.returncode != 0 or probe.stdout.strip():
+            missing = probe.stdout.strip() or probe.stderr.strip()[-200:]
+            raise InputError(f"the peer venv lacks {missing}: {VENV_HINT}")
 
 
 def versions(peer_python: Path | None) -> dict[str, str]:
@@ -152,7 +166,7 @@ def versions(peer_python: Path | None) -> dict[str, str]:
     found = {
         "torch": metadata.version("torch"),
         "torchserve": metadata.version("torchserve"),
-        "wrk": wrk.version(),
+        "wrk": wrk.version().removeprefix("wrk "),
     }
     if peer_python is not None and peer_python.is_file():
         script = (
@@ -241,8 +255,16 @@ def stock_targets(setup: Setup, scratch: Path) -> Iterator[tuple[str, Target]]:
     try:
         client = Client.for_instance(instance, timeout=REGISTER_TIMEOUT_S)
         for config in setup.configs:
-            client.register(batch_size=config.batch_size, max_batch_delay=config.max_batch_delay_ms)
-            client.scale(config.workers, config.workers)
+            # The stock .mar sets no workers, so registration starts exactly these: no extra worker
+            # (each imports torch and captum) comes up only to be scaled away.
+            try:
+                client.register(
+                    batch_size=config.batch_size,
+                    max_batch_delay=config.max_batch_delay_ms,
+                    initial_workers=config.workers,
+                )
+            except ServeError as err:
+                raise ServeError(f"{err}; end of {instance.log_file}:\n{log_tail(instance, 30)}") from None
             yield config.label, Target(*inference(client), setup.body)
             client.unregister()
         client.close()
