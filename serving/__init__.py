@@ -5,6 +5,9 @@ command lines, and the tests import it directly.
     client     a typed REST client (`Client.predict` -> `Prediction`, or `RequestFailed`)
     tsconfig   the one source of TorchServe's config.properties for every target
     loadgen    closed- and open-loop load, request samples, memory traces
+    wrk        keep-alive load from wrk as a typed result (the benchmarks' load generator)
+    peers      the peer benchmark: stock TorchServe, LitServe, the in-process limit (peer_apps/)
+    sweep      the settings sweep: workers, batching, threads under 1-64 clients
     images     image bodies for tests and benchmarks
     docblock   measured figures written between markers in docs/*.md
     container  the serving image run as GKE runs it

@@ -5,7 +5,8 @@
     samples = loadgen.drive(url, headers, bodies, clients=16, seconds=60, rate=400)    # open loop
     answers = loadgen.post_all(url, bodies, headers)      # each body once, answers in order
 
-Used by the soak (scripts/soak.py), the serving benchmark and the tests. Clients use http.client
+Used by the soak (scripts/soak.py) and the tests (fixed-rate and memory runs; the benchmarks'
+closed-loop figures come from serving.wrk). Clients use http.client
 over keep-alive connections rather than requests: on a 2-core machine the load generator shares
 the CPU with the server, and requests costs several times more CPU per call.
 """
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
 import psutil
 
 MB = 1024 * 1024
@@ -135,29 +135,6 @@ def post_all(
     finally:
         for conn in connections:
             conn.close()
-
-
-def sequential_latency_ms(
-    url: str, headers: dict[str, str], bodies: Sequence[bytes], requests: int, warmup: int = 50
-) -> dict[str, float]:
-    """p50/p99/mean of `requests` sequential POSTs over one keep-alive connection, after `warmup`
-    unmeasured ones. Raises RuntimeError on an answer other than 200: a latency of errors means nothing."""
-    conn, path = _connection(url)
-    times = []
-    try:
-        for i in range(requests + warmup):
-            start = time.perf_counter()
-            conn.request("POST", path, body=bodies[i % len(bodies)], headers=headers)
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status != 200:
-                raise RuntimeError(f"request {i} answered HTTP {resp.status} during the latency run")
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    finally:
-        conn.close()
-    q = np.percentile(times, [50, 99])
-    return {"p50": float(q[0]), "p99": float(q[1]), "mean": statistics.fmean(times)}
 
 
 @dataclass

@@ -226,12 +226,16 @@ def start(
     target: str = "local",
     settings: Mapping[str, str] | None = None,
     config: str | None = None,
+    python: str = sys.executable,
+    env: Mapping[str, str] | None = None,
 ) -> Server:
     """Start TorchServe for `instance` and return once /ping answers 200.
 
     It runs the config of `target` ("local", or the container's or the pod's, to test what ships)
     on loopback listeners, plus `settings` for this instance only; or the properties text `config`
-    (see instance_config).
+    (see instance_config). `python` runs the launcher and so the workers (TorchServe passes its
+    own interpreter on): another venv's python serves from that venv (the peer benchmark's).
+    `env` adds variables to the server's environment, which its workers inherit.
     Raises ServeError if it is already running, cannot start, or is not ready within `timeout`
     seconds (then it is stopped again and the last log lines are in the message).
     """
@@ -259,12 +263,13 @@ def start(
         raise InputError(str(err)) from None
     instance.config_file.write_text(text, encoding="utf-8")
 
-    env = {k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"}  # it would override --ts-config
+    environ = {k: v for k, v in os.environ.items() if k != "TS_CONFIG_FILE"}  # it would override --ts-config
+    environ.update(env or {})
     # TMPDIR: the launcher's PID file; TEMP: the JVM's java.io.tmpdir, where worker sockets go.
-    env.update(TMPDIR=str(instance.tmp_dir), TEMP=str(instance.tmp_dir))
-    env.update(LOG_LOCATION=str(instance.log_dir), METRICS_LOCATION=str(instance.log_dir))
+    environ.update(TMPDIR=str(instance.tmp_dir), TEMP=str(instance.tmp_dir))
+    environ.update(LOG_LOCATION=str(instance.log_dir), METRICS_LOCATION=str(instance.log_dir))
     command = [
-        sys.executable, "-m", "ts.model_server", "--start", "--ncs",
+        python, "-m", "ts.model_server", "--start", "--ncs",
         "--ts-config", str(instance.config_file),
         "--log-config", str(LOG_CONFIG_FILE),
         "--model-store", str(model_store),
@@ -273,7 +278,12 @@ def start(
         # The launcher starts the JVM and exits; the JVM keeps the log as its stdout. A new
         # session keeps a Ctrl-C in this terminal from reaching the server.
         launcher = subprocess.run(
-            command, cwd=instance.dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=instance.dir,
+            env=environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     pid_file = instance.tmp_dir / ".model_server.pid"
     if launcher.returncode != 0 or not pid_file.is_file():

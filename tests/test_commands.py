@@ -7,6 +7,7 @@ tests/test_serving_cli.py; the soak's in tests/test_soak.py.)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,65 @@ def test_bad_input_exits_2_and_names_the_fix(tmp_path: Path, command: list[str],
     args = [arg.format(tmp=tmp_path) for arg in command]
     done = subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def made(tmp_path: Path) -> None:
+    """Files where `make all` leaves them (empty: the commands below stop before reading them)."""
+    for name in (
+        "export/model.pt",
+        "export/model_meta.json",
+        "export/index_to_name.json",
+        "store/fashion_mnist.mar",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+
+
+PEERS = ["scripts.bench_peers", "--export-dir", "{tmp}/export", "--model-store", "{tmp}/store"]
+
+
+@pytest.mark.parametrize(
+    ("command", "no_wrk", "message"),
+    [
+        (["scripts.bench_peers", "--export-dir", "{tmp}"], False, "model.pt not found: export the model"),
+        (
+            [*PEERS[:3], "--model-store", "{tmp}"],
+            False,
+            "fashion_mnist.mar not found: build it with `make all`",
+        ),
+        ([*PEERS, "--clients", "1", "4"], False, "--clients must include 1 and 16"),
+        ([*PEERS, "--configs", "2x8"], False, "is not WORKERS:BATCH:DELAY_MS"),
+        (PEERS, True, "wrk not found on PATH: install it with `apt-get install wrk`"),
+        ([*PEERS, "--peer-python", "{tmp}/none/bin/python"], False, "create it with `make bench-peers`"),
+        (["scripts.bench_serving", "--model-store", "{tmp}/store"], True, "apt-get install wrk"),
+        (["scripts.sweep_serving", "--model-store", "{tmp}"], False, "fashion_mnist.mar not found: build it"),
+        (["scripts.sweep_serving", "--model-store", "{tmp}/store"], True, "apt-get install wrk"),
+        (["scripts.sweep_serving", "--delays", "-1"], False, "must be >= 0"),
+    ],
+    ids=[
+        "peers-no-export",
+        "peers-no-archive",
+        "peers-no-16",
+        "peers-bad-config",
+        "peers-no-wrk",
+        "peers-no-venv",
+        "serving-no-wrk",
+        "sweep-no-archive",
+        "sweep-no-wrk",
+        "sweep-bad-delay",
+    ],  # fmt: skip
+)
+def test_benchmarks_exit_2_and_name_the_fix(
+    tmp_path: Path, command: list[str], no_wrk: bool, message: str
+) -> None:
+    made(tmp_path)
+    env = {**os.environ, "PATH": str(tmp_path)} if no_wrk else None  # a PATH without wrk
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    done = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
