@@ -357,9 +357,10 @@ def stop(instance: Instance, timeout: float = 60.0) -> bool:
     return proc is not None
 
 
-def read_keys(key_file: Path, timeout: float = 2.0) -> dict[str, Any]:
+def read_keys(key_file: Path, timeout: float = 10.0) -> dict[str, Any]:
     """The parsed key file. TorchServe rewrites it in place (at start and on renewal), so a read
-    can catch it half-written: such reads are retried for up to `timeout` seconds."""
+    can catch it half-written: such reads are retried for up to `timeout` seconds (a loaded host
+    can take seconds between the truncate and the write)."""
 
     def parsed() -> dict[str, Any] | None:
         try:
