@@ -5,90 +5,40 @@
 
 Starts its own TorchServe ("bench-monitoring", free loopback ports) once per run, with
 FASHION_MONITORING=on or off in its environment (handler/monitor.py), registers the archive with its
-own batching settings, warms it up and runs `ab -k -c 16` on a PNG test image. On and off runs
-alternate for --rounds rounds, so a change in the machine's load hits both alike; the medians and
-their ratio, with every run's figure and the exact command, replace the block between the bench
-markers in docs/monitoring.md. Needs the archive, the processed test set (`python -m training.data`)
-and `ab` (apache2-utils, `scripts/setup.sh --dev`).
+own batching settings, warms it up and runs `ab -k -c 16` on a PNG test image (monitoring/overhead.py).
+On and off runs alternate for --rounds rounds, so a change in the machine's load hits both alike; the
+medians and their ratio, with every run's figure and the exact command, replace the block between the
+bench markers in docs/monitoring.md. Needs the archive, the processed test set
+(`python -m training.data`) and `ab` (apache2-utils, `scripts/setup.sh --dev`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-import requests
-
-from handler.monitor import MONITORING_ENV, PREDICTIONS
+from monitoring import overhead
 from serving import MODEL_NAME, REPO
-from serving.bench import ab_throughput as throughput
-from serving.client import Client
-from serving.docblock import machine, write_block
+from serving.docblock import command, write_block
 from serving.images import encode as png
-from serving.server import ANY_PORTS, Instance, ServeError, read_record, start, stop
+from serving.server import ServeError
 from training.data import DataError, load_split
 
-DOC = REPO / "docs" / "monitoring.md"
-CLIENTS = 16
-
-
-def one_run(store: Path, image: Path, setting: str, ab_requests: int, scratch: Path) -> float:
-    """Requests per second of a fresh server with monitoring `setting`; checks the setting took."""
-    os.environ[MONITORING_ENV] = setting
-    instance = Instance("bench-monitoring", scratch)
-    start(instance, store, ANY_PORTS)
-    try:
-        client = Client.for_instance(instance)
-        client.register()
-        throughput(client, image, 500, CLIENTS)  # warm-up: JIT profiling, JVM, connection pools
-        result = throughput(client, image, ab_requests, CLIENTS)
-        metrics = requests.get(f"{read_record(instance).url('metrics')}/metrics", timeout=10).text
-        client.close()
-    finally:
-        stop(instance)
-    if (f"{PREDICTIONS}{{" in metrics) != (setting == "on"):  # samples, not just the declared family
-        state = "lacks" if setting == "on" else "has"
-        raise SystemExit(f"{MONITORING_ENV}={setting} did not take: /metrics {state} {PREDICTIONS}")
-    if result["failed"]:
-        raise SystemExit(f"{result['failed']} requests failed with monitoring {setting}; see the server log")
-    return result["rps"]
-
-
-def render(results: dict[str, Any], command: str) -> str:
-    on, off = statistics.median(results["on"]), statistics.median(results["off"])
-    runs = " | ".join(f"{a:.0f} / {b:.0f}" for a, b in zip(results["on"], results["off"], strict=True))
-    return f"""Measured on {time.strftime("%Y-%m-%d")} with `{command}`
-on {results["machine"]}; the archive's batching settings, `ab -k -c {CLIENTS} -n {results["ab_requests"]}`
-on one PNG test image, on and off runs alternating on fresh servers.
-
-| monitoring | throughput, {CLIENTS} clients (median of {len(results["on"])}) |
-|---|---|
-| on (default) | {on:.0f} req/s |
-| off (`{MONITORING_ENV}=off`) | {off:.0f} req/s |
-| cost | {(1 - on / off) * 100:.1f}% of throughput |
-
-Every round, on / off req/s: {runs}."""
+PROG = "python -m scripts.bench_monitoring"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.bench_monitoring", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-store", type=Path, default=REPO / "model_store")
     parser.add_argument(
         "--data", type=Path, default=REPO / "data", help="processed data (training.data --out)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="on/off pairs")
     parser.add_argument("--ab-requests", type=int, default=5000)
-    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "monitoring.md")
     args = parser.parse_args(argv)
     if shutil.which("ab") is None:
         raise SystemExit("ab not found: install apache2-utils (`scripts/setup.sh --dev`)")
@@ -98,29 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         image = png(load_split(args.data, "test").images[0].numpy())
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
-    command = shlex.join(
-        ["python", "-m", "scripts.bench_monitoring", *(argv if argv is not None else sys.argv[1:])]
-    )
-    results: dict[str, Any] = {"machine": machine(), "ab_requests": args.ab_requests, "on": [], "off": []}
-    saved = os.environ.get(MONITORING_ENV)
+    cmdline = command(PROG.split(), argv if argv is not None else sys.argv[1:])
     try:
         with tempfile.TemporaryDirectory(prefix="bench-monitoring-") as scratch:
             image_file = Path(scratch) / "image.png"
             image_file.write_bytes(image)
-            for round_ in range(args.rounds):
-                # Alternate which setting goes first, so neither always runs on a warmer machine.
-                for setting in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
-                    rps = one_run(args.model_store, image_file, setting, args.ab_requests, Path(scratch))
-                    results[setting].append(rps)
-                    print(f"round {round_ + 1}: monitoring {setting}: {rps:.0f} req/s")
+            results = overhead.compare(
+                args.model_store, image_file, args.rounds, args.ab_requests, Path(scratch)
+            )
     except ServeError as err:
         raise SystemExit(f"error: {err}") from None
-    finally:
-        if saved is None:
-            os.environ.pop(MONITORING_ENV, None)
-        else:
-            os.environ[MONITORING_ENV] = saved
-    write_block(args.doc, "bench_monitoring", render(results, command))
+    write_block(args.doc, "bench_monitoring", overhead.render(results, cmdline))
     print(f"wrote {args.doc}")
     return 0
 
