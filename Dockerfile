@@ -48,6 +48,8 @@ RUN useradd --uid 10001 --user-group --create-home --home-dir /home/model-server
 COPY --from=venv /opt/venv /opt/venv
 COPY docker/config.properties docker/log4j2.xml docker/serve.sh docker/proxy.sh docker/supervise.sh \
     docker/healthcheck.py docker/drain.py configs/serving/metrics.yaml /opt/fashion-serve/
+# The one properties reader, alone: healthcheck.py and drain.py import serving.properties from here.
+COPY serving/properties.py /opt/fashion-serve/serving/
 USER 10001:10001
 # Writable at run time (tmpfs or emptyDir when the root filesystem is read-only): HOME holds
 # TorchServe's key_file.json, /tmp its PID file and the unpacked archive.

@@ -79,7 +79,7 @@ test-fast:  ## unit tests only (no JVM, no docker), for quick iteration
 	$(PY) -m pytest -m "not serving and not container"
 
 bench-training:  ## measure default + accurate training; writes docs/training.md
-	$(PY) scripts/bench_training.py
+	$(PY) -m scripts.bench_training
 
 bench-loading:  ## DataLoader images/s for 0, 1 and 2 workers; writes docs/training.md
 	$(PY) -m scripts.bench_loading

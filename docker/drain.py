@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from healthcheck import DEFAULT_CONFIG, read_properties
+from healthcheck import DEFAULT_CONFIG
 from PIL import Image
+
+from serving.properties import parse_properties
 
 KEY_FILE = Path("key_file.json")  # TorchServe's working directory, the image's WORKDIR
 RETRY_S = 0.05
@@ -122,9 +124,11 @@ def loopback(address: str) -> str:
 def main() -> int:
     started = time.monotonic()
     timeout = float(os.environ.get("DRAIN_TIMEOUT_S", "3"))
-    props = read_properties(Path(os.environ.get("TS_CONFIG_FILE", DEFAULT_CONFIG)))
-    drain = Drain(props, started + timeout)
     try:
+        props = parse_properties(
+            Path(os.environ.get("TS_CONFIG_FILE", DEFAULT_CONFIG)).read_text(encoding="utf-8")
+        )
+        drain = Drain(props, started + timeout)
         drain.cut_off()
         names = [entry["modelName"] for entry in drain.models()]
         for name in names:
@@ -136,6 +140,7 @@ def main() -> int:
             drain.scale_to_zero(name)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         # TimeoutError and URLError are OSErrors: a server that never started or stopped answering.
+        # An unreadable config is an OSError or a ConfigError (a ValueError).
         print(f"drain.py: gave up after {time.monotonic() - started:.1f} s: {exc!r}", file=sys.stderr)
         return 1
     print(f"drain.py: {', '.join(names)} drained in {time.monotonic() - started:.1f} s", file=sys.stderr)

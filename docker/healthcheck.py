@@ -5,7 +5,8 @@
 It reads the config the server runs with (TS_CONFIG_FILE) for the inference address and for
 whether token authorization is on. When it is, it sends the inference key from key_file.json,
 which TorchServe writes into its working directory, the same directory this check runs in (the
-image's WORKDIR). Standard library only, so it starts in a few tens of milliseconds.
+image's WORKDIR). Standard library only, so it starts in a few tens of milliseconds: the config is
+read by serving/properties.py, which the image ships alone as /opt/fashion-serve/serving/properties.py.
 """
 
 from __future__ import annotations
@@ -18,19 +19,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from serving.properties import ConfigError, parse_properties
+
 DEFAULT_CONFIG = "/opt/fashion-serve/config.properties"
 TIMEOUT_S = 4.0
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    """`key=value` lines of a Java properties file (TorchServe's config), comments skipped."""
-    props = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")) and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
 
 
 def ping_url(props: dict[str, str]) -> str:
@@ -49,7 +41,10 @@ def auth_headers(props: dict[str, str], key_file: Path) -> dict[str, str]:
 def check(config: Path, key_file: Path) -> str | None:
     """None when healthy, else the reason."""
     try:
-        props = read_properties(config)
+        props = parse_properties(config.read_text(encoding="utf-8"))
+    except (OSError, ConfigError) as exc:
+        return f"cannot read TorchServe's config {config} (TS_CONFIG_FILE): {exc}"
+    try:
         headers = auth_headers(props, key_file)
     except FileNotFoundError as exc:
         return f"{exc.filename} not found (TorchServe writes key_file.json once it has started)"

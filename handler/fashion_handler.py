@@ -106,7 +106,7 @@ class FashionMNISTHandler(BaseHandler):
         self.monitor = None
         if enabled():
             self.monitor = Monitor(
-                self.model_name, self.version, self.classes, MonitorSpec.from_meta(meta.to_json())
+                self.model_name, self.version, self.classes, MonitorSpec.from_stats(meta.reference_stats)
             )
             self.monitor.started(context.metrics)
         self.initialized = True

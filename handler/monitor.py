@@ -6,7 +6,7 @@ Ships inside the .mar next to the handler. The statistics and bins are plain fun
 
     >>> stats = input_stats(batch, spec)                 # (N, 1, 28, 28) model input
     >>> stats["brightness"]                              # (N,) mean pixel value per image, in [0, 1]
-    >>> MonitorSpec.from_meta(meta).bins("contrast", stats["contrast"].tolist())   # bin index per image
+    >>> MonitorSpec.from_stats(meta.reference_stats).bins("contrast", stats["contrast"].tolist())  # per image
 
 The handler calls `Monitor.observe` once per batch and `Monitor.rejected` per refused request.
 Setting FASHION_MONITORING=off in the server's environment turns both off (docs/monitoring.md has
@@ -131,9 +131,10 @@ class MonitorSpec:
     )
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> MonitorSpec:
-        """Edges of the reference histograms; equal-width defaults for an export that has none."""
-        hists = meta.get("reference_stats", {}).get("histograms")
+    def from_stats(cls, reference_stats: Mapping[str, Any]) -> MonitorSpec:
+        """Edges of the reference histograms (`ModelMeta.reference_stats`, the `reference_stats` of
+        model_meta.json); equal-width defaults for an export that has none."""
+        hists = reference_stats.get("histograms")
         if not hists:
             return cls()
         return cls({name: list(h["edges"]) for name, h in hists.items()})

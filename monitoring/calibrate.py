@@ -14,7 +14,6 @@ table and the exact command replace the block between the calibrate markers in d
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -27,7 +26,7 @@ from handler import monitor
 from handler.fashion_handler import load_model
 from handler.preprocess import PreprocessSpec, normalize
 from monitoring import detector
-from monitoring.rules import RulesError, Thresholds, reference
+from monitoring.rules import RulesError, Thresholds
 from monitoring.shifts import SHIFTS
 from serving.docblock import write_block
 from training.cli import add_model_and_data
@@ -63,8 +62,7 @@ def window_scores(
 
 
 def measure(model_dir: Path, data: Path, windows: int, size: int) -> dict[str, list[dict[str, float]]]:
-    meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
-    ref, spec, mspec = reference(meta), PreprocessSpec.from_meta(meta), monitor.MonitorSpec.from_meta(meta)
+    _, ref, spec, mspec = detector.export_specs(model_dir)
     model = load_model(model_dir / "model.pt")
     test = load_split(data, "test")
     rng = np.random.default_rng(0)

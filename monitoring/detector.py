@@ -5,7 +5,7 @@ A library module (no command line), used by `python -m monitoring.robustness` an
 
     >>> ref = monitoring.rules.reference(meta)                 # reference shares per feature bin
     >>> stats = input_stats(batch, spec)                        # handler.monitor, on model input
-    >>> bins = feature_bins(stats, MonitorSpec.from_meta(meta))  # (N,) bin per image and feature
+    >>> bins = feature_bins(stats, MonitorSpec.from_stats(meta["reference_stats"]))  # per image and feature
     >>> feature_psi(bins, ref)                                  # {"brightness": 0.01, ...}
     >>> requests_to_alert(bins, ref, Thresholds())              # first request count that alerts
 
@@ -16,13 +16,24 @@ rule, so offline figures and live alerts use one definition.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from handler.monitor import FEATURES, MonitorSpec
-from monitoring.rules import EPSILON, Thresholds
+from handler.preprocess import PreprocessSpec
+from monitoring.rules import EPSILON, Thresholds, reference
+
+
+def export_specs(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any], PreprocessSpec, MonitorSpec]:
+    """What offline drift figures of an export start from: its model_meta.json, the rules' reference
+    shares (RulesError if it has none), its preprocessing and the handler's bins."""
+    meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
+    shares = reference(meta)
+    return meta, shares, PreprocessSpec.from_meta(meta), MonitorSpec.from_stats(meta["reference_stats"])
 
 
 def psi(counts: torch.Tensor, reference_shares: Sequence[float]) -> torch.Tensor:

@@ -177,7 +177,8 @@ def compare(
     """Run Evidently's drift preset (PSI, the rules' threshold); write the HTML and the JSON summary."""
     definition = DataDefinition(categorical_columns=COLUMNS)
     current = Dataset.from_pandas(
-        current_frame(records, MonitorSpec.from_meta(meta)), data_definition=definition
+        current_frame(records, MonitorSpec.from_stats(meta.get("reference_stats", {}))),
+        data_definition=definition,
     )
     reference_data = Dataset.from_pandas(reference_frame(meta), data_definition=definition)
     snapshot = Report([DataDriftPreset(method="psi", threshold=limits.psi)]).run(

@@ -35,7 +35,7 @@ from handler import monitor
 from handler.fashion_handler import load_model
 from handler.preprocess import PreprocessSpec, normalize
 from monitoring import detector
-from monitoring.rules import RulesError, Thresholds, reference
+from monitoring.rules import RulesError, Thresholds
 from monitoring.shifts import SHIFTS
 from serving.docblock import write_block
 from training.cli import add_model_and_data
@@ -80,8 +80,7 @@ def evaluate(
 
 def measure(model_dir: Path, data: Path, limit: int | None, seed: int, limits: Thresholds) -> dict[str, Any]:
     """Run every shift at every severity on the test split (or a seeded subsample of `limit` images)."""
-    meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
-    ref, spec, mspec = reference(meta), PreprocessSpec.from_meta(meta), monitor.MonitorSpec.from_meta(meta)
+    meta, ref, spec, mspec = detector.export_specs(model_dir)
     model = load_model(model_dir / "model.pt")
     test = load_split(data, "test")
     rng = np.random.default_rng(seed)

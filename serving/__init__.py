@@ -4,6 +4,7 @@ command lines, and the tests import it directly.
     server     start, stop and find a local TorchServe instance; its keys
     client     a typed REST client (`Client.predict` -> `Prediction`, or `RequestFailed`)
     tsconfig   the one source of TorchServe's config.properties for every target
+    properties the one reader of those files (shipped alone in the image, for docker/*.py)
     loadgen    closed- and open-loop load, request samples, memory traces
     wrk        keep-alive load from wrk as a typed result (the benchmarks' load generator)
     peers      the peer benchmark: stock TorchServe, LitServe, the in-process limit (peer_apps/)
@@ -11,6 +12,7 @@ command lines, and the tests import it directly.
     images     image bodies for tests and benchmarks
     docblock   measured figures written between markers in docs/*.md
     container  the serving image run as GKE runs it
+    container_memory  its memory under load against the pod's limit
     waiting    `wait_for`, the one way to poll for a condition
 """
 

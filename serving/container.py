@@ -4,8 +4,8 @@
     subprocess.run(["docker", "run", "--detach", *hardened_flags(), "fashion-mnist-serve:dev"])
 
 Used by the container benchmarks (`python -m scripts.bench_container`: cold start, memory, image
-size; `python -m scripts.bench_container_memory`: memory under load) and the container tests, so
-all of them start the image exactly as the cluster would.
+size; `python -m scripts.bench_container_memory`, serving/container_memory.py: memory under load)
+and the container tests, so all of them start the image exactly as the cluster would.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 
 from serving import MODEL_NAME
-from serving.server import ServeError
+from serving.server import InputError, ServeError
 from serving.waiting import WaitTimeout, wait_for
 
 MEMORY_UNITS = {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}  # `docker stats` MemUsage units, in MiB
@@ -36,6 +36,12 @@ def hardened_flags(memory: str = "1g", writable: tuple[str, ...] = WRITABLE) -> 
 def docker(*args: str, check: bool = True) -> str:
     """stdout of one docker command (stripped); CalledProcessError if it fails and `check`."""
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=check).stdout.strip()
+
+
+def require_image(image: str) -> None:
+    """InputError naming the build command unless the Docker engine has `image`."""
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode:
+        raise InputError(f"image {image} not found; build it with scripts/build_image.sh")
 
 
 def predict_status(port: int, key: str, body: bytes) -> int:
@@ -65,21 +71,27 @@ def read_key(container: str) -> str:
         return ""
 
 
+def first_prediction(container: str, port: int, body: bytes, timeout: float, what: str) -> str:
+    """Wait until the container answers a prediction of `body` with 200 on the published `port`;
+    return its inference key. ServeError naming `what` and `docker logs` after `timeout` s."""
+
+    def answered() -> str | None:
+        key = read_key(container)
+        return key if key and predict_status(port, key, body) == 200 else None
+
+    try:
+        return wait_for(answered, timeout, f"a prediction from {what}", interval=0.2)
+    except WaitTimeout as err:
+        raise ServeError(f"{err}; see `docker logs {container}`") from None
+
+
 def cold_start(image: str, body: bytes, timeout: float = 180) -> tuple[float, float]:
     """Seconds from `docker run` (hardened) to the first 200, and MiB used after 100 more predictions."""
     start = time.monotonic()
     container = docker("run", "--detach", *hardened_flags(), "--publish=127.0.0.1::8080", image)
     try:
         port = int(docker("port", container, "8080/tcp").rsplit(":", 1)[1])
-
-        def first_answer() -> str | None:
-            key = read_key(container)
-            return key if key and predict_status(port, key, body) == 200 else None
-
-        try:
-            key = wait_for(first_answer, timeout, f"a prediction from {image}", interval=0.2)
-        except WaitTimeout as err:
-            raise ServeError(f"{err}; see `docker logs {container}`") from None
+        key = first_prediction(container, port, body, timeout, image)
         seconds = time.monotonic() - start
         for _ in range(100):
             predict_status(port, key, body)

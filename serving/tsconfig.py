@@ -10,6 +10,7 @@ keys in OVERRIDABLE (addresses, token settings, the model API, load_models and p
 queue, body limits and decoding are the base's everywhere, so what the tests run is what ships.
 The container and pod files are committed, rendered, because the Dockerfile COPYs one and
 kustomize's configMapGenerator reads the other; the local server renders its file at start.
+`parse_properties` (serving/properties.py) reads any of them back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from serving import REPO
+from serving.properties import ConfigError, parse_properties
 
 SOURCE = REPO / "configs" / "serving" / "torchserve"
 # Where the rendered file of each committed target lives; the local one is written per instance.
@@ -36,26 +38,6 @@ OVERRIDABLE = frozenset(
         "enable_model_api", "load_models", "model_store", "metrics_config",
     }
 )  # fmt: skip
-
-
-class ConfigError(ValueError):
-    """A source file that breaks the rules above; the message names the file and the fix."""
-
-
-def parse_properties(text: str) -> dict[str, str]:
-    """The `key=value` (or `key: value`) entries of a Java properties text, comments skipped;
-    a later entry wins, as in java.util.Properties. Line continuations are not used by TorchServe's
-    settings and not supported."""
-    props = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", "!")):
-            continue
-        cut = min((i for i in (line.find("="), line.find(":")) if i >= 0), default=-1)
-        if cut < 0:
-            raise ConfigError(f"not a key=value line: {raw!r}")
-        props[line[:cut].strip()] = line[cut + 1 :].strip()
-    return props
 
 
 def _without(text: str, keys: set[str]) -> str:

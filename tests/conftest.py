@@ -204,7 +204,9 @@ class Served:
     worker_decodes: bool  # decode_input_request is on: the worker parses JSON and text bodies itself
 
 
-@pytest.fixture(scope="module", params=["local"])
+# Session scope: test_hostile and test_grpc share each target's server (one JVM start each); pytest
+# orders the tests so that one target's server is up at a time. A test must leave it as it found it.
+@pytest.fixture(scope="session", params=["local"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """The random-weights archive (batch 8, 4 s delay, one worker) served with a target's config.
 
@@ -222,7 +224,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield Served(request.param, instance, client, archive.export, decodes)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def offline(served: Served) -> Callable[[bytes], torch.Tensor]:
     """image bytes -> the served export's class probabilities, evaluated in-process (cached)."""
     from tests.live_server import offline_probabilities

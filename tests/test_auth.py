@@ -381,6 +381,45 @@ def test_no_key_reaches_a_log_or_the_status_command(server: Instance, client: Cl
     assert not any(key in status.stdout + status.stderr for key in seen)
 
 
+def image_layout(root: Path) -> Path:
+    """/opt/fashion-serve as the Dockerfile's runtime stage fills it (its plain COPY lines, sources
+    from the repository), recreated under `root`."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] != ["COPY"] or any(w.startswith(("--", "$")) for w in words[1:]):
+            continue  # other stages' copies, and the archive (a build argument)
+        *sources, target = words[1:]
+        if target.startswith("/opt/fashion-serve/"):
+            into = root / target.removeprefix("/opt/fashion-serve/")
+            into.mkdir(parents=True, exist_ok=True)
+            for source in sources:
+                shutil.copy(REPO / source, into)
+    return root
+
+
+@pytest.mark.serving
+def test_image_healthcheck_sends_the_inference_key(server: Instance, tmp_path: Path) -> None:
+    """docker/healthcheck.py as the image ships it, with nothing of the repository on sys.path (-E, and
+    a script's own folder is all Python adds), reads the server's config and key file and finds it
+    healthy; without the key file it names the file. drain.py imports in the same layout."""
+    opt = image_layout(tmp_path / "opt")
+    env = {"PATH": "/usr/bin:/bin", "TS_CONFIG_FILE": str(server.config_file)}
+
+    def healthcheck(cwd: Path) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-E", "-s", str(opt / "healthcheck.py")]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+    healthy = healthcheck(server.dir)  # TorchServe's working directory, where key_file.json is
+    assert healthy.returncode == 0, healthy.stderr
+    keyless = healthcheck(tmp_path)
+    assert keyless.returncode == 1 and "key_file.json not found" in keyless.stderr, keyless.stderr
+    imported = subprocess.run(
+        [sys.executable, "-E", "-s", "-c", "import drain"], cwd=opt, env=env, capture_output=True, text=True
+    )
+    assert imported.returncode == 0, imported.stderr
+
+
 @pytest.mark.parametrize(
     "where",
     ["key_file.json", ".serve/default/key_file.json", "docker/key_file.json", "deploy/x/key_file.json"],

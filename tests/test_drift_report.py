@@ -62,7 +62,9 @@ def write_log(meta_file: Path) -> Iterator[Any]:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         try:
-            monitor = Monitor(meta["name"], meta["version"], CLASSES, MonitorSpec.from_meta(meta))
+            monitor = Monitor(
+                meta["name"], meta["version"], CLASSES, MonitorSpec.from_stats(meta["reference_stats"])
+            )
             ids = [f"req-{i}" for i in range(len(images))]
             monitor.observe(normalize(images, SPEC), probs.float(), ids, SPEC)
         finally:

@@ -5,7 +5,8 @@
 The client's stubs are generated at test time by grpcio-tools from the project's own minimal protos
 (serving/proto/), so the test sees what a user who follows docs/serving.md sees. The server runs the
 local config (token authorization on, keys sent as `authorization: Bearer <key>` metadata) with the
-random-weights archive batching 8 requests, and answers are checked against the export offline.
+random-weights archive batching 8 requests (conftest's `served`, the server test_hostile uses too),
+and answers are checked against the export offline.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def predict(
     )
 
 
+def predict_alone(
+    stubs: dict[str, ModuleType], inference: Any, served: Served, inputs: dict[str, bytes]
+) -> dict[str, Any]:
+    """The answer to `inputs`, sent with good images that fill its batch: the server waits up to
+    BATCH_DELAY_MS (4 s) for a batch to fill, so a lone request would wait that long."""
+    future = predict(stubs, inference, served, inputs)
+    fillers = [predict(stubs, inference, served, {"data": image}) for image in GOOD[: BATCH_SIZE - 1]]
+    for filler in fillers:
+        assert "predictions" in json.loads(filler.result().prediction)
+    return json.loads(future.result().prediction)
+
+
 def like_offline(answer: dict[str, Any], probabilities: torch.Tensor, k: int = 5) -> bool:
     """Top-k of the export's probabilities, in order, within float noise of the frozen model."""
     predictions = answer.get("predictions", [])
@@ -124,7 +137,7 @@ def test_calls_without_the_right_key_are_refused(stubs, inference, served: Serve
 def test_predictions_answer_like_rest(
     stubs, inference, served: Served, offline: Callable[[bytes], torch.Tensor], inputs, k
 ) -> None:
-    answer = json.loads(predict(stubs, inference, served, inputs).result().prediction)
+    answer = predict_alone(stubs, inference, served, inputs)
     assert like_offline(answer, offline(GOOD[1]), k), answer
 
 
@@ -146,7 +159,7 @@ def test_a_bad_image_beside_good_ones_gets_its_own_error_with_status_ok(
 
 @pytest.mark.serving
 def test_a_request_without_an_image_names_the_input_key(stubs, inference, served: Served) -> None:
-    answer = json.loads(predict(stubs, inference, served, {"picture": GOOD[0]}).result().prediction)
+    answer = predict_alone(stubs, inference, served, {"picture": GOOD[0]})
     assert answer["error"] == "empty_body" and 'input["data"]' in answer["detail"], answer
 
 

@@ -83,12 +83,12 @@ def test_quantile_edges_split_the_reference_evenly() -> None:
 
 def test_spec_uses_the_exported_edges_and_falls_back_without_them() -> None:
     hists = {name: {"edges": [0.0, 0.3, 1.0], "counts": [1, 1]} for name in (*monitor.FEATURES, "confidence")}
-    assert monitor.MonitorSpec.from_meta({"reference_stats": {"histograms": hists}}).edges["contrast"] == [
+    assert monitor.MonitorSpec.from_stats({"histograms": hists}).edges["contrast"] == [
         0.0,
         0.3,
         1.0,
     ]
-    default = monitor.MonitorSpec.from_meta({})
+    default = monitor.MonitorSpec.from_stats({})
     assert len(default.edges["brightness"]) == monitor.FEATURE_BINS + 1
     assert default.edges["confidence"] == list(monitor.CONFIDENCE_EDGES)
 

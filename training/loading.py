@@ -1,9 +1,9 @@
 """Training batches: the DataLoader, its worker settings, and augmentation that is seeded per batch.
 
-`training.train` builds its loaders with `make_loader`; `scripts/bench_loading.py` measures them
-with `throughput`:
+`training.train` builds its loaders with `make_loader`; `python -m scripts.bench_loading` measures
+them with `throughput` (through training/bench.py):
 
-    .venv/bin/python scripts/bench_loading.py          # images/s for 0, 1 and 2 workers -> docs/training.md
+    .venv/bin/python -m scripts.bench_loading          # images/s for 0, 1 and 2 workers -> docs/training.md
 
 Each sampler item is a whole batch: `(seed, indices)`, drawn in the main process from one generator
 seeded by the run's seed. A worker (or the main process, with 0 workers) gathers those images and
