@@ -100,8 +100,14 @@ def frames(bodies: Sequence[bytes], batch: int, count: int) -> list[bytes]:
     ]
 
 
-def end_to_end_us(service: Any, batch_frames: Sequence[bytes]) -> list[float]:
-    """Microseconds per request of each batch: frame decoding, the handler, the response frame."""
+def end_to_end_us(
+    service: Any, batch_frames: Sequence[bytes], clock: Callable = time.perf_counter
+) -> list[float]:
+    """Microseconds per request of each batch: frame decoding, the handler, the response frame.
+
+    `clock`: wall time by default; time.process_time gives this process's CPU time, which other
+    processes on a busy machine cannot inflate (a worker runs one torch thread, so CPU is its cost).
+    """
     from ts.protocol.otf_message_handler import retrieve_msg
 
     from archive.selfcheck import _FrameSocket
@@ -109,10 +115,10 @@ def end_to_end_us(service: Any, batch_frames: Sequence[bytes]) -> list[float]:
     service.set_cl_socket(None)
     per_request = []
     for frame in batch_frames:
-        t0 = time.perf_counter()
+        t0 = clock()
         _, batch = retrieve_msg(_FrameSocket(frame))
         service.predict(batch)
-        per_request.append((time.perf_counter() - t0) * 1e6 / len(batch))
+        per_request.append((clock() - t0) * 1e6 / len(batch))
     return per_request
 
 
@@ -247,20 +253,34 @@ Top operators and stages under torch.profiler (self CPU time; stages are record_
 """
 
 
-def time_handler(model_dir: Path, data: Path, batch: int, batches: int) -> float:
-    """Median end-to-end µs per request of the `handler` package this interpreter imports."""
+def time_handler(model_dir: Path, data: Path, batch: int, batches: int) -> None:
+    """Serve timing requests on stdin for the `handler` package this interpreter imports: each line
+    "N" runs the next N batches and answers one JSON line with their µs per request."""
     worker_logging()
     service, _ = load_export(model_dir, batch)
     batch_frames = frames(test_bodies(data, 256), batch, batches)
-    end_to_end_us(service, batch_frames[: max(1, batches // 10)])
-    return statistics.median(end_to_end_us(service, batch_frames))
+    end_to_end_us(service, batch_frames[: max(1, batches // 10)])  # warm-up
+    print(json.dumps({"ready": True}), flush=True)
+    position = 0
+    for line in sys.stdin:
+        chunk = [batch_frames[(position + i) % batches] for i in range(int(line))]
+        position += len(chunk)
+        wall = end_to_end_us(service, chunk)
+        cpu = end_to_end_us(service, chunk, time.process_time)
+        print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
 
 
 def compare_handler(
     model_dir: Path, data: Path, batch: int, batches: int, rev: str, rounds: int, out: Path
 ) -> dict[str, Any]:
-    """End-to-end µs per request of this tree's handler/ and of `rev`'s, in turns, each in a fresh
-    interpreter that imports everything else from this tree."""
+    """End-to-end µs per request of this tree's handler/ and of `rev`'s, side by side.
+
+    Each runs in its own interpreter (everything but handler/ imported from this tree), loaded once;
+    they then take turns, `rounds` turns each of `batches / rounds` batches, so both sample the
+    same stretch of time and a change of machine load cannot favour either.
+    """
+    if not (model_dir / "model.pt").is_file():
+        load_export(model_dir, batch)  # raises the missing-export error
     with tempfile.TemporaryDirectory(prefix="handler-rev-") as tmp:
         archive = subprocess.run(
             ["git", "-C", str(REPO), "archive", "--format=tar", rev, "handler"], capture_output=True
@@ -268,46 +288,77 @@ def compare_handler(
         if archive.returncode != 0:
             raise InputError(f"git cannot read handler/ at {rev!r}: {archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        trees = {rev: f"{tmp}{os.pathsep}{REPO}", "this tree": str(REPO)}
-        runs: dict[str, list[float]] = {name: [] for name in trees}
-        for number in range(rounds):
-            for name, path in trees.items():
-                # -P: the working directory is not put first on sys.path, so PYTHONPATH decides
-                # which handler/ is imported.
-                command = [
-                    sys.executable, "-P", "-m", "serving.profile", "time-handler",
-                    "--model-dir", str(model_dir),
-                    "--data", str(data), "--batch", str(batch), "--batches", str(batches),
-                ]  # fmt: skip
-                env = {**os.environ, "PYTHONPATH": path}
-                done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
-                if done.returncode != 0:
-                    raise ServeError(f"timing the handler of {name} failed:\n{done.stderr[-2000:]}")
-                runs[name].append(json.loads(done.stdout.strip().splitlines()[-1])["us_per_request"])
-                print(f"round {number + 1}/{rounds} {name}: {runs[name][-1]:.1f} µs/request", file=sys.stderr)
-    result = {name: statistics.median(values) for name, values in runs.items()}
-    result |= {"ratio": result[rev] / result["this tree"], "runs": runs, "rev": rev}
-    rows = "\n".join(
-        f"| {name} | {result[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} |"
-        for name, values in runs.items()
-    )
+        # -P: the working directory is not put first on sys.path, so PYTHONPATH decides which
+        # handler/ is imported.
+        command = [
+            sys.executable, "-P", "-m", "serving.profile", "time-handler", "--model-dir", str(model_dir),
+            "--data", str(data), "--batch", str(batch), "--batches", str(batches),
+        ]  # fmt: skip
+        paths = {rev: f"{tmp}{os.pathsep}{REPO}", "this tree": str(REPO)}
+        sides = {
+            name: subprocess.Popen(
+                command,
+                env={**os.environ, "PYTHONPATH": path},
+                cwd=tmp,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            for name, path in paths.items()
+        }
+        try:
+            for name, proc in sides.items():
+                _answer(name, proc)  # loaded and warmed up
+            samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in sides}
+            chunk = max(1, batches // rounds)
+            for number in range(rounds):
+                for name, proc in sides.items():
+                    proc.stdin.write(f"{chunk}\n")
+                    proc.stdin.flush()
+                    for clock, values in _answer(name, proc).items():
+                        samples[name][clock] += values
+                print(f"turn {number + 1}/{rounds} done", file=sys.stderr)
+        finally:
+            for proc in sides.values():
+                proc.kill()
+                proc.wait()
+    # Medians per side, of CPU time (what a request costs the worker, whatever else runs) and of wall
+    # time (what it costs here and now, preemptions by other processes included).
+    median = {name: {clock: statistics.median(v) for clock, v in s.items()} for name, s in samples.items()}
+    result = {
+        "median_us": median,
+        "ratio": median[rev]["cpu"] / median["this tree"]["cpu"],
+        "ratio_wall": median[rev]["wall"] / median["this tree"]["wall"],
+        "rev": rev,
+    }
+    rows = "\n".join(f"| {name} | {m['cpu']:.1f} | {m['wall']:.1f} |" for name, m in median.items())
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving_handler_compare.md").write_text(
         f"""# Handler end to end: this tree against `{rev}`
 
 `{_command()}` on {time.strftime("%Y-%m-%d %H:%M")}, {_machine()}.
-Batches of {batch} PNG test images, {batches} batches per run after warm-up, {rounds} runs per side in
-turns, each in a fresh interpreter; median µs per request of each run, then the median of the runs.
+Batches of {batch} PNG test images through TorchServe's worker code and the handler; each side in its
+own interpreter, taking {rounds} turns of {chunk} batches, each batch timed once by CPU time and once
+by wall time; medians over every batch of a side, µs per request.
 
-| handler/ | µs per request | runs |
+| handler/ | CPU µs per request | wall µs per request |
 |---|---|---|
 {rows}
 
-{rev} / this tree = **{result["ratio"]:.2f}x**
+{rev} / this tree = **{result["ratio"]:.2f}x** in CPU time, {result["ratio_wall"]:.2f}x in wall time
 """,
         encoding="utf-8",
     )
     return result
+
+
+def _answer(name: str, proc: subprocess.Popen) -> dict[str, Any]:
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise ServeError(f"timing the handler of {name} failed:\n{proc.stderr.read()[-2000:]}")
+    return json.loads(line)
 
 
 # --- live: py-spy on a worker under load ---------------------------------------------------------
@@ -499,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = sub.add_parser(
         "handler", parents=[common], help="the handler in-process: stages + torch.profiler"
     )
-    timing = sub.add_parser("time-handler", parents=[common], help="(used by --against) one timing, as JSON")
+    timing = sub.add_parser("time-handler", parents=[common], help="(used by --against) timings on stdin")
     for p in (handler, timing):
         p.add_argument("--model-dir", type=Path, default=DEFAULT_EXPORT, help="an export (artifacts/model)")
         p.add_argument("--batch", type=int, default=8, help="requests per batch (default 8)")
@@ -508,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.add_argument(
         "--against", metavar="REV", help="compare end to end with handler/ at this git revision"
     )
-    handler.add_argument("--rounds", type=int, default=3, help="runs per side with --against (default 3)")
+    handler.add_argument("--rounds", type=int, default=20, help="turns per side with --against (default 20)")
     live = sub.add_parser("live", parents=[common], help="py-spy flame graph of a worker under load")
     live.add_argument("--model-store", type=Path, default=DEFAULT_STORE, help="holds fashion_mnist.mar")
     live.add_argument("--seconds", type=float, default=10.0, help="recording length (default 10)")
@@ -526,15 +577,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)  # a worker's setting (handler.fashion_handler.configure_threads)
     try:
         if args.command == "time-handler":
-            us = time_handler(args.model_dir, args.data, args.batch, args.batches)
-            print(json.dumps({"us_per_request": us}))
+            time_handler(args.model_dir, args.data, args.batch, args.batches)
         elif args.command == "handler" and args.against:
             r = compare_handler(
                 args.model_dir, args.data, args.batch, args.batches, args.against, args.rounds, args.out
             )
             print(
-                f"{args.against}: {r[args.against]:.1f} µs/request, "
-                f"this tree: {r['this tree']:.1f} µs/request ({r['ratio']:.2f}x)\n"
+                f"{args.against} / this tree: {r['ratio']:.2f}x in CPU time per request, "
+                f"{r['ratio_wall']:.2f}x in wall time\n"
                 f"written: {args.out / 'serving_handler_compare.md'}"
             )
         elif args.command == "handler":

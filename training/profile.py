@@ -133,18 +133,23 @@ class StepProfiler(Callback):
 
 
 class StepTimer(Callback):
-    """Wall-clock seconds of every training step after the first `warmup`, DataLoader wait included."""
+    """Wall-clock and CPU seconds of every training step after the first `warmup`.
+
+    Wall time includes waiting for the DataLoader; CPU time is this process's (all its threads, not
+    the loader's worker processes), which other processes on a busy machine cannot inflate.
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.ends: list[float] = []
+        self.ends: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, *_: Any) -> None:
-        self.ends.append(time.perf_counter())
+        self.ends.append((time.perf_counter(), time.process_time()))
 
-    @property
-    def seconds(self) -> list[float]:
-        return [b - a for a, b in zip(self.ends[self.warmup - 1 :], self.ends[self.warmup :], strict=False)]
+    def median_ms(self, clock: int) -> float:
+        """Median milliseconds per step: clock 0 = wall, 1 = CPU."""
+        ends = [end[clock] for end in self.ends[self.warmup - 1 :]]
+        return statistics.median(b - a for a, b in zip(ends, ends[1:], strict=False)) * 1000
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -197,34 +202,44 @@ def compare(
     for cfg in configs.values():
         check_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[float]] = {name: [] for name in configs}
+    runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in configs}
     for number in range(rounds):
         for name, cfg in configs.items():
             datamodule, module = build(cfg)
             timer = StepTimer(warmup)
             steps_only(cfg, warmup + steps, timer, out).fit(module, datamodule=datamodule)
-            runs[name].append(statistics.median(timer.seconds) * 1000)
-            print(f"round {number + 1}/{rounds} {name}: {runs[name][-1]:.1f} ms/step", file=sys.stderr)
-    result = {name: statistics.median(values) for name, values in runs.items()}
-    result |= {"ratio": result["base"] / result["changed"], "runs": runs}
+            runs[name]["wall"].append(timer.median_ms(0))
+            runs[name]["cpu"].append(timer.median_ms(1))
+            print(
+                f"round {number + 1}/{rounds} {name}: {runs[name]['wall'][-1]:.1f} ms/step wall, "
+                f"{runs[name]['cpu'][-1]:.1f} ms/step CPU",
+                file=sys.stderr,
+            )
+    median = {name: {clock: statistics.median(v) for clock, v in r.items()} for name, r in runs.items()}
+    result = {
+        "median_ms": median,
+        "ratio": median["base"]["cpu"] / median["changed"]["cpu"],
+        "ratio_wall": median["base"]["wall"] / median["changed"]["wall"],
+    }
     command = shlex.join([*PROG.split(), *sys.argv[1:]])
     labels = {"base": "base " + " ".join(overrides), "changed": f"with `{' '.join(against)}`"}
     rows = "\n".join(
-        f"| {labels[name]} | {result[name]:.1f} | {', '.join(f'{v:.1f}' for v in values)} |"
-        for name, values in runs.items()
+        f"| {labels[name]} | {m['cpu']:.1f} | {m['wall']:.1f} | {', '.join(f'{v:.0f}' for v in r['wall'])} |"
+        for (name, m), r in zip(median.items(), runs.values(), strict=True)
     )
     (out / "training_compare.md").write_text(
         f"""# Training step time, with and without `{" ".join(against)}`
 
 `{command}` on {time.strftime("%Y-%m-%d %H:%M")}, torch {torch.__version__}, load average
 {", ".join(f"{x:.1f}" for x in os.getloadavg())} at the end. {rounds} rounds, taking turns; each run
-{warmup} warm-up + {steps} timed steps, no profiler. Median of the per-run medians.
+{warmup} warm-up + {steps} timed steps, no profiler. Medians of the per-run medians; CPU time is the
+training process's (all its threads), which other processes cannot inflate.
 
-| config | ms/step | runs (ms/step) |
-|---|---|---|
+| config | CPU ms/step | wall ms/step | runs (wall ms/step) |
+|---|---|---|---|
 {rows}
 
-base / changed = **{result["ratio"]:.2f}x**
+base / changed = **{result["ratio"]:.2f}x** in CPU time, {result["ratio_wall"]:.2f}x in wall time
 """,
         encoding="utf-8",
     )
@@ -325,8 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.against:
             result = compare(args.overrides, args.against, args.out, args.steps, args.warmup, args.rounds)
             print(
-                f"base {result['base']:.1f} ms/step, with {' '.join(args.against)} "
-                f"{result['changed']:.1f} ms/step: {result['ratio']:.2f}x\n"
+                f"base / with {' '.join(args.against)}: {result['ratio']:.2f}x in CPU time per step, "
+                f"{result['ratio_wall']:.2f}x in wall time\n"
                 f"written: {args.out / 'training_compare.md'}"
             )
             return
