@@ -101,11 +101,18 @@ def test_handler_comparison_with_a_git_revision(random_export: Path, tmp_path: P
     assert "| HEAD |" in text and "| this tree |" in text and "HEAD / this tree = **" in text
 
 
+def test_handler_comparison_names_an_unknown_revision(
+    random_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["handler", "--model-dir", str(random_export), "--against", "no-such-rev", "--out", str(tmp_path)]
+    assert serving_profile.main(argv) == 2
+    assert "git cannot read handler/ at 'no-such-rev'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
         (["handler", "--model-dir", "/nonexistent/export"], "python -m training.export"),
-        (["handler", "--model-dir", "/nonexistent/export", "--against", "no-such-rev"], "no-such-rev"),
         (["live", "--model-store", "/nonexistent/store"], "make archive"),
     ],
 )
