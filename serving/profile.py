@@ -54,6 +54,8 @@ STAGES = (
     "frame decode", "parse", "decode", "preprocess", "forward", "postprocess", "metrics", "JSON encode",
 )  # fmt: skip
 PY_SPY_PIN = "py-spy==0.4.3"
+# The handler's entry point as py-spy names it (with or without the class), after `_short`.
+HANDLE_FRAMES = {"FashionMNISTHandler.handle (fashion_handler.py)", "handle (fashion_handler.py)"}
 
 
 def sample_bodies(data: Path, count: int) -> list[bytes]:
@@ -417,15 +419,15 @@ def stack_shares(raw: Path) -> dict[str, Any]:
         for name in set(frames):
             inclusive[name] += n
         for caller, callee in zip(frames, frames[1:], strict=False):
-            if caller.startswith("handle (fashion_handler.py"):
+            if caller in HANDLE_FRAMES:
                 callees[callee] += n
     return {"total": total, "self": self_samples, "inclusive": inclusive, "handle_callees": callees}
 
 
 def _short(frame: str) -> str:
-    """'f (/long/path/to/file.py:12)' -> 'f (file.py:12)'."""
+    """'Cls.f (/long/path/to/file.py:12)' -> 'Cls.f (file.py)': one entry per function, not per line."""
     name, _, where = frame.partition(" (")
-    return f"{name} ({Path(where.rstrip(')')).name})" if where else frame
+    return f"{name} ({Path(where.rstrip(')')).name.rsplit(':', 1)[0]})" if where else frame
 
 
 def profile_live(

@@ -155,4 +155,6 @@ def test_live_worker_profile_writes_a_flame_graph(tmp_path_factory: pytest.TempP
     assert "handle (fashion_handler.py" in svg, "the handler's frames must be in the flame graph"
     live = (out / "serving_live.md").read_text()
     assert "statuses {200:" in live, live
-    assert "| `handle (fashion_handler.py" in live, "handle must be among the functions by inclusive time"
+    handle = "| `FashionMNISTHandler.handle (fashion_handler.py)` |"
+    assert handle in live, "handle must be among the functions by inclusive samples"
+    assert "| callee of handle | share |\n|---|---|\n| `" in live, "handle's callees must be listed"
