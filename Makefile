@@ -10,7 +10,8 @@ PEERS_ARGS ?=
 
 .PHONY: help setup setup-dev all repro tune data train export evaluate archive serve stop lint test \
 	test-fast image image-train bench-training bench-loading bench-precision bench-serving bench-container \
-	bench-monitoring bench-peers sweep-serving soak clean rules monitor robustness drift-report
+	bench-monitoring bench-peers sweep-serving soak clean rules monitor robustness drift-report \
+	profile-training profile-serving
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
@@ -114,6 +115,13 @@ robustness:  ## accuracy and drift PSI under fixed shifts; reports/robustness.*,
 
 drift-report:  ## HTML drift report of the local prediction log (LOG=FILE to change); reports/
 	$(PY) -m monitoring.drift_report --log $(or $(LOG),.serve/default/logs/predictions.log) --meta $(EXPORT)/model_meta.json
+
+profile-training:  ## torch.profiler over 30 training steps (TRAIN_ARGS overrides); reports/profile/
+	$(PY) -m training.profile $(TRAIN_ARGS)
+
+profile-serving:  ## handler stages + torch.profiler, then py-spy flame graph of a loaded worker; reports/profile/
+	$(PY) -m serving.profile handler --model-dir $(EXPORT)
+	$(PY) -m serving.profile live --model-store model_store
 
 soak:  ## drive the server at ~80% of capacity for 5 minutes; writes docs/reliability.md
 	$(PY) -m scripts.soak

@@ -355,14 +355,14 @@ def test_bad_input_logs_one_warning_line_and_no_traceback(service, caplog):
 
 def test_an_unforeseen_failure_is_that_request_s_own_400_logged_once(service, reference, monkeypatch, caplog):
     # Fault injection: stands in for any exception the input path does not anticipate today.
-    real_preprocess = fashion_handler.preprocess
+    real_to_pixels = fashion_handler.to_pixels
 
-    def failing_on_marker(image: bytes, spec: PreprocessSpec) -> torch.Tensor:
+    def failing_on_marker(image: bytes, spec: PreprocessSpec) -> np.ndarray:
         if image == b"marker":
             raise RuntimeError("an input the handler did not foresee")
-        return real_preprocess(image, spec)
+        return real_to_pixels(image, spec)
 
-    monkeypatch.setattr(fashion_handler, "preprocess", failing_on_marker)
+    monkeypatch.setattr(fashion_handler, "to_pixels", failing_on_marker)
     counted: list[tuple[int, str]] = []
     handler = service._entry_point.__self__  # the FashionMNISTHandler behind TorchServe's Service
     monkeypatch.setattr(handler.monitor, "rejected", lambda status, error: counted.append((status, error)))

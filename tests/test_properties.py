@@ -31,6 +31,7 @@ from ts.service import Service
 
 from archive.selfcheck import Answer, WorkerRequest, predict
 from handler.payload import decode_base64, parse_request, parse_top_k
+from handler.postprocess import encode_prediction, prediction_body
 from handler.preprocess import (
     DECODE_BUDGET_BYTES,
     InputError,
@@ -39,6 +40,7 @@ from handler.preprocess import (
     decode_image,
     normalize,
     preprocess,
+    to_pixels,
 )
 from tests.conftest import load_handler, make_random_export
 
@@ -523,3 +525,28 @@ def test_decoding_budget_refuses_images_that_would_not_fit_with_413(mode: str) -
         decode_image(buf.getvalue(), SPEC)
     assert (raised.value.status, raised.value.error) == (413, "image_too_large")
     assert "budget" in raised.value.detail
+
+
+@PROPERTY
+@given(
+    probs=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=12),
+    names=st.lists(st.text(max_size=12), min_size=12, max_size=12, unique=True),
+    k=st.integers(1, 20),
+    version=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,11}", fullmatch=True),
+)
+def test_encoded_prediction_is_byte_for_byte_what_torchserve_would_write(
+    probs: list[float], names: list[str], k: int, version: str
+) -> None:
+    # The handler hands TorchServe these bytes instead of the dict it used to encode with indent=2.
+    body = prediction_body(torch.tensor(probs), names[: len(probs)], k, "fashion_mnist", version)
+    assert encode_prediction(body) == json.dumps(body, indent=2).encode("utf-8")
+
+
+@PROPERTY
+@given(batch=st.lists(images(), min_size=1, max_size=6))
+def test_a_batch_normalised_at_once_equals_each_image_preprocessed_alone(
+    batch: list[tuple[str, str, np.ndarray, bytes]],
+) -> None:
+    # The handler normalises a batch's pixels in one call; the model must see exactly preprocess()'s values.
+    together = normalize(torch.from_numpy(np.stack([to_pixels(data, SPEC) for *_, data in batch])), SPEC)
+    assert torch.equal(together, torch.stack([preprocess(data, SPEC) for *_, data in batch]))

@@ -244,15 +244,13 @@ def _trainer(
     )
 
 
-def train(
-    cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = (), max_seconds: float | None = None
-) -> dict:
-    """Train with a composed config into run_dir; `callbacks` join the run's own. Returns a summary dict.
+def build(cfg: DictConfig) -> tuple[FashionDataModule, FashionClassifier]:
+    """The data and the model of a composed config, with the threads and seeds training runs with.
 
-    training.tune passes Optuna's pruning callback, and `max_seconds`: a wall-time budget after which
-    training stops. Every process of a distributed run calls this; only global rank 0 writes into run_dir.
+    Training and `python -m training.profile` both start here, so the profile runs what training runs.
     """
     torch.set_num_threads(cfg.trainer.threads)
+    torch.utils.deterministic.fill_uninitialized_memory = cfg.trainer.fill_uninitialized_memory
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = FashionDataModule(DataConfig(**cfg.data), cfg.seed)
     module = FashionClassifier(
@@ -261,6 +259,18 @@ def train(
         data=OmegaConf.to_container(cfg.data),
         preprocess=PreprocessSpec().to_meta(),
     )
+    return datamodule, module
+
+
+def train(
+    cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = (), max_seconds: float | None = None
+) -> dict:
+    """Train with a composed config into run_dir; `callbacks` join the run's own. Returns a summary dict.
+
+    training.tune passes Optuna's pruning callback, and `max_seconds`: a wall-time budget after which
+    training stops. Every process of a distributed run calls this; only global rank 0 writes into run_dir.
+    """
+    datamodule, module = build(cfg)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max", save_top_k=1
     )
