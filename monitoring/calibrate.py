@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from handler import monitor
-from handler.fashion_handler import load_model
 from handler.preprocess import PreprocessSpec, normalize
+from handler.variants import EXPORTED_VARIANT, load_model
 from monitoring import detector
 from monitoring.rules import RulesError, Thresholds, reference
 from monitoring.shifts import SHIFTS
@@ -65,7 +65,7 @@ def window_scores(
 def measure(model_dir: Path, data: Path, windows: int, size: int) -> dict[str, list[dict[str, float]]]:
     meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
     ref, spec, mspec = reference(meta), PreprocessSpec.from_meta(meta), monitor.MonitorSpec.from_meta(meta)
-    model = load_model(model_dir / "model.pt")
+    model = load_model(model_dir / "model.pt", meta.get("variant", EXPORTED_VARIANT))
     test = load_split(data, "test")
     rng = np.random.default_rng(0)
     out = {}
