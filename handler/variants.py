@@ -80,10 +80,9 @@ def load_model(path: Path, variant: str = EXPORTED_VARIANT) -> ServedModel:
     settings = variant_named(variant)
     torch.jit.enable_onednn_fusion(settings.onednn_graph)
     with warnings.catch_warnings():
-        # TorchScript and eager-mode quantized tensors are this project's serving format; torch flags
-        # each call as deprecated, which would add stderr lines to every worker start with nothing to act on.
+        # TorchScript is this project's serving format; torch flags each torch.jit call as deprecated,
+        # which would add stderr lines to every worker start with nothing to act on.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r".*quantiz", category=UserWarning)
         module = torch.jit.freeze(torch.jit.load(str(path), map_location="cpu").eval())
         if settings.optimize:
             module = torch.jit.optimize_for_inference(module)
