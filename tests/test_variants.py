@@ -19,7 +19,7 @@ from PIL import Image
 
 from archive.build import ArchiveError, build, main, served_variant, validate_export
 from archive.selfcheck import WorkerRequest, predict
-from archive.variants import MAX_ACCURACY_DROP, VariantError, parity
+from archive.variants import VariantError, parity
 from handler.meta import MetaError, ModelMeta
 from handler.variants import EXPORTED_VARIANT, VARIANTS
 from tests.conftest import load_handler, make_random_export
@@ -27,6 +27,9 @@ from training.data import load_split
 from training.evaluate import load_exported, preprocess_images
 
 PARITY_IMAGES = 48  # through the handler, against offline evaluation
+# The briefly trained fixture loses about 0.3 points in int8 (a fully trained model less): these tests
+# check how variants are built and served; the bound itself is tested on its own below.
+LENIENT_DROP = 1.0
 
 
 def png(pixels: torch.Tensor) -> bytes:
@@ -37,7 +40,7 @@ def png(pixels: torch.Tensor) -> bytes:
 
 def served_dir(export_dir: Path, variant: str, data_root: Path, out: Path) -> Path:
     """The variant's files as archive.build would archive them, in a model directory."""
-    served = served_variant(validate_export(export_dir), variant, data_root, out / "work")
+    served = served_variant(validate_export(export_dir), variant, data_root, out / "work", LENIENT_DROP)
     model_dir = out / "model"
     model_dir.mkdir()
     for source, name in ((served.model, "model.pt"), (served.meta_file, "model_meta.json")):
@@ -58,7 +61,7 @@ def test_each_variant_serves_what_offline_evaluation_of_its_files_predicts(
     if variant != EXPORTED_VARIANT:
         m = meta.metrics
         assert m["test_images"] == 10_000
-        assert 100 * (m["fp32_test_accuracy"] - m["test_accuracy"]) <= MAX_ACCURACY_DROP
+        assert 100 * (m["fp32_test_accuracy"] - m["test_accuracy"]) <= LENIENT_DROP
         assert m["agreement"] > 0.95, f"{variant} agrees with the export on only {m['agreement']:.4f}"
 
     images = load_split(real_data_root, "test").images[:PARITY_IMAGES]
@@ -89,7 +92,7 @@ def test_int8_archive_through_the_command_line(
 ) -> None:
     store = tmp_path / "store"
     argv = ["--export-dir", str(export_dir), "--store", str(store), "--variant", "int8"]
-    assert main([*argv, "--data", str(real_data_root)]) == 0
+    assert main([*argv, "--data", str(real_data_root), "--max-accuracy-drop", str(LENIENT_DROP)]) == 0
     out = capsys.readouterr().out
     assert "variant int8: test accuracy" in out and "on 10000 test images" in out
     assert "version: 1.0-int8" in out and "variant: int8" in out
@@ -98,7 +101,7 @@ def test_int8_archive_through_the_command_line(
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
     assert (meta["variant"], meta["version"], manifest["modelVersion"]) == ("int8", "1.0-int8", "1.0-int8")
     # The same build again is the same model: a quantized file is identified by the weights it came from.
-    again = build(export_dir, store, variant="int8", data_root=real_data_root)
+    again = build(export_dir, store, variant="int8", data_root=real_data_root, max_drop=LENIENT_DROP)
     assert again.replaced == "replaced version 1.0-int8 (same model)"
 
 
