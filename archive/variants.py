@@ -19,6 +19,7 @@ export's, or the build stops (VariantError, exit 1) and nothing is archived.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -72,10 +73,19 @@ def eager_model(model_file: Path, meta: ModelMeta) -> torch.nn.Module:
             f"only {FashionCNN.__name__}: build the fp32 variant (--variant {EXPORTED_VARIANT})",
             exit_code=EXIT_USAGE,
         )
-    hyper = {k: arch[k] for k in ("width", "depth", "dropout", "hidden") if k in arch}
+    # The export records every ModelConfig field it was built from; num_params is a count, not a setting.
+    settings = inspect.signature(FashionCNN).parameters.keys() - {"in_channels", "num_classes", "image_size"}
+    hyper = {k: v for k, v in arch.items() if k in settings}
     eager = FashionCNN(num_classes=len(meta.classes), image_size=meta.preprocess.height, **hyper)
     scripted = torch.jit.load(str(model_file), map_location="cpu")
-    eager.load_state_dict(scripted.state_dict())
+    try:
+        eager.load_state_dict(scripted.state_dict())
+    except RuntimeError as exc:
+        raise VariantError(
+            f"the export's weights do not fit FashionCNN({hyper}): its metadata predates a field the "
+            f"architecture needs; re-export it with `python -m training.export` ({exc})",
+            exit_code=EXIT_USAGE,
+        ) from exc
     return eager.eval()
 
 
