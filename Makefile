@@ -7,11 +7,13 @@ EXPORT ?= artifacts/model
 TRAIN_ARGS ?=
 PEERS_VENV := .venv-peers
 PEERS_ARGS ?=
+# Empty: archive.build's default variant (archive/variants.py DEFAULT_VARIANT); e.g. make archive VARIANT=int8
+VARIANT ?=
 
 .PHONY: help setup setup-dev all repro tune data train export evaluate archive serve stop lint test \
-	test-fast image image-train bench-training bench-loading bench-precision bench-serving bench-container \
-	bench-monitoring bench-peers sweep-serving soak clean rules monitor robustness drift-report \
-	profile-training profile-serving
+	test-fast image image-train bench-training bench-loading bench-precision bench-variants bench-serving \
+	bench-container bench-monitoring bench-peers sweep-serving soak clean rules monitor robustness \
+	drift-report profile-training profile-serving
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}'
@@ -44,8 +46,8 @@ export:  ## TorchScript + model_meta.json from $(RUN) into $(EXPORT), with parit
 evaluate:  ## test-set report and confusion matrix into reports/
 	$(PY) -m training.evaluate --model-dir $(EXPORT) --out reports
 
-archive:  ## model_store/fashion_mnist.mar from $(EXPORT), self-checked before it is published
-	$(PY) -m archive.build --export-dir $(EXPORT) --store model_store
+archive:  ## model_store/fashion_mnist.mar from $(EXPORT) (VARIANT=name to choose), self-checked before it is published
+	$(PY) -m archive.build --export-dir $(EXPORT) --store model_store $(if $(VARIANT),--variant $(VARIANT))
 
 serve:  ## start TorchServe (127.0.0.1) and register the archive through the management API
 	$(PY) -m scripts.serve start --model-store model_store
@@ -87,6 +89,9 @@ bench-loading:  ## DataLoader images/s for 0, 1 and 2 workers; writes docs/train
 
 bench-precision:  ## fp32 against bf16-mixed training speed and accuracy; writes its section of docs/training.md
 	$(PY) -m scripts.bench_precision
+
+bench-variants:  ## latency, accuracy and load time of each model variant of $(EXPORT); writes docs/serving.md
+	$(PY) -m scripts.bench_variants --export-dir $(EXPORT)
 
 bench-serving:  ## cold start, latency and throughput of the archive; writes docs/serving.md
 	$(PY) -m scripts.bench_serving

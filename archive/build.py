@@ -2,17 +2,23 @@
 
     python -m archive.build            # <repo>/artifacts/model -> <repo>/model_store/fashion_mnist.mar
     python -m archive.build --export-dir X --store Y --batch-size 8 --max-batch-delay 5 --max-workers 2
+    python -m archive.build --variant int8 --data data    # another variant (handler/variants.py)
 
 1. Validate the export written by `python -m training.export`: model.pt, model_meta.json and
    index_to_name.json exist inside the export directory (symlinks resolved), the metadata loads as a
    valid handler.meta.ModelMeta (both files list the same classes), and the model's output has one
    score per class. The archive's model name and version are the metadata's unless --name is given.
-2. Stage the handler package (handler/*.py only) with the metadata, write model-config.yaml from
+2. Build the served variant (archive/variants.py; the default is archive.variants.DEFAULT_VARIANT).
+   Any variant but the export itself is checked against the export on the whole test set of --data
+   and refused if it loses more than 0.2 points of accuracy; the archive's model_meta.json records
+   the variant, so the handler loads the file right, and its metrics. A quantized variant answers
+   differently from the export, so its archive version is the export's plus "-<variant>".
+3. Stage the handler package (handler/*.py only) with the metadata, write model-config.yaml from
    the flags, and run torch-model-archiver in a fresh process with a private TMPDIR (it stages in
    $TMPDIR/<name>, which concurrent builds would otherwise share).
-3. Unpack the archive and answer a PNG and a bad body with TorchServe's own worker code in a fresh
+4. Unpack the archive and answer a PNG and a bad body with TorchServe's own worker code in a fresh
    interpreter that can import only the archive (archive/selfcheck.py).
-4. Only then move the archive into the store with an atomic rename, so a failed build never leaves
+5. Only then move the archive into the store with an atomic rename, so a failed build never leaves
    a partial or unchecked <name>.mar behind.
 
 Exit codes: 2 when the export or the flags need fixing, 1 when the archiver or the self-check fails.
@@ -21,6 +27,7 @@ Exit codes: 2 when the export or the flags need fixing, 1 when the archiver or t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,10 +44,12 @@ from typing import Any
 import torch
 import yaml
 
+from archive.variants import DEFAULT_VARIANT, MAX_ACCURACY_DROP, VariantError, build_variant
 from handler.meta import NAME_PATTERN, MetaError, ModelMeta
 from handler.preprocess import PreprocessSpec
+from handler.variants import EXPORTED_VARIANT, VARIANTS
 from model.fingerprint import model_version, weights_digest
-from training.cli import EXIT_USAGE, EXPORT_DIR, MODEL_STORE, REPO_ROOT, StageError, run_stage
+from training.cli import DATA_DIR, EXIT_USAGE, EXPORT_DIR, MODEL_STORE, REPO_ROOT, StageError, run_stage
 
 PROG = "python -m archive.build"
 HANDLER_PACKAGE = REPO_ROOT / "handler"
@@ -58,13 +67,14 @@ class ArchiveError(StageError):
 
 @dataclass(frozen=True)
 class Export:
-    """A validated export directory."""
+    """A validated export directory, or the files of the variant built from it (`served_variant`)."""
 
     model: Path
     meta_file: Path
     index_file: Path
     meta: ModelMeta
     fingerprint: str  # model/fingerprint.py: weights + identity metadata, not the file's bytes
+    weights: str  # weights_digest of the export's fp32 model, which every variant is built from
 
     @property
     def version(self) -> str:
@@ -118,6 +128,7 @@ class BuildResult:
     sha256: str
     check_summary: dict[str, Any]
     replaced: str | None  # what happened to an archive that was already there
+    meta: ModelMeta  # the archive's model_meta.json: variant, version, metrics of what it serves
 
 
 def require_inside(path: Path, root: Path, what: str, missing_hint: str = EXPORT_HINT) -> Path:
@@ -145,7 +156,40 @@ def validate_export(export_dir: Path) -> Export:
     except MetaError as exc:
         raise ArchiveError(str(exc), exit_code=EXIT_USAGE) from exc
     scripted = _check_model_output(model, meta.preprocess, len(meta.classes))
-    return Export(model, meta_file, index_file, meta, model_version(weights_digest(scripted), meta.to_json()))
+    weights = weights_digest(scripted)
+    return Export(model, meta_file, index_file, meta, model_version(weights, meta.to_json()), weights)
+
+
+def served_variant(
+    export: Export, variant: str, data_root: Path | None, work: Path, max_drop: float = MAX_ACCURACY_DROP
+) -> Export:
+    """The files that go into the archive for `variant`: the export itself, or the variant built
+    from it with metadata that names the variant, its checked metrics and its version."""
+    if variant == EXPORTED_VARIANT:
+        return export
+    try:
+        built = build_variant(export.model.parent, variant, data_root, work, max_drop)
+    except VariantError as exc:
+        raise ArchiveError(str(exc), exit_code=exc.exit_code) from exc
+    version = f"{export.version}-{variant}" if VARIANTS[variant].quantized else export.version
+    meta = dataclasses.replace(
+        export.meta,
+        variant=variant,
+        version=version,
+        metrics={**export.meta.metrics, **built.metrics},
+        # The fp32 weights the variant was built from: a quantized file's state dict does not hold
+        # its packed weights, so this digest is what identifies the archive (_replacement_note).
+        weights_digest=export.weights,
+    )
+    meta.save(work)
+    return Export(
+        built.model_file,
+        work / "model_meta.json",
+        work / "index_to_name.json",
+        meta,
+        model_version(export.weights, meta.to_json()),
+        export.weights,
+    )
 
 
 def build(
@@ -154,25 +198,38 @@ def build(
     name: str | None = None,
     config: ServingConfig | None = None,
     force: bool = False,
+    variant: str = DEFAULT_VARIANT,
+    data_root: Path | None = DATA_DIR,
+    max_drop: float = MAX_ACCURACY_DROP,
 ) -> BuildResult:
-    """Validate, archive, self-check, then atomically publish store/<name>.mar (name: the export's)."""
+    """Validate, build the variant, archive, self-check, then atomically publish store/<name>.mar.
+
+    `name` defaults to the export's; `data_root` (training.data's output) is needed by every
+    variant but the export itself, for calibration and the test-set check, which refuses a variant
+    that loses more than `max_drop` points of accuracy.
+    """
     if name is not None and not NAME_PATTERN.match(name):
         raise ArchiveError(
             f"model name {name!r} must match {NAME_PATTERN.pattern} (TorchServe's rule)", exit_code=EXIT_USAGE
         )
     config_yaml = (config or ServingConfig()).to_yaml()
+    if variant not in VARIANTS:
+        raise ArchiveError(f"--variant {variant!r} is not one of {list(VARIANTS)}", exit_code=EXIT_USAGE)
+    if max_drop < 0:
+        raise ArchiveError("need --max-accuracy-drop >= 0 (points of test accuracy)", exit_code=EXIT_USAGE)
     export = validate_export(export_dir)
     name = name or export.meta.name
     target = store / f"{name}.mar"
-    replaced = _replacement_note(target, export, force)
-    store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"archive-{name}-") as tmp:
         work = Path(tmp)
-        mar = _run_archiver(export, name, config_yaml, work)
+        served = served_variant(export, variant, data_root, work / "variant", max_drop)
+        replaced = _replacement_note(target, served, force)
+        store.mkdir(parents=True, exist_ok=True)
+        mar = _run_archiver(served, name, config_yaml, work)
         summary = self_check(mar, work / "unpacked")
         size, digest = mar.stat().st_size, _sha256(mar)
         _publish(mar, target)
-    return BuildResult(target, size, export.version, digest, summary, replaced)
+    return BuildResult(target, size, served.version, digest, summary, replaced, served.meta)
 
 
 def _check_model_output(model_file: Path, spec: PreprocessSpec, num_classes: int) -> torch.jit.ScriptModule:
@@ -219,7 +276,13 @@ def _replacement_note(target: Path, export: Export, force: bool) -> str | None:
             old_model = torch.jit.load(old_bytes, map_location="cpu")
             names = set(archive.namelist())
             old_meta = json.loads(archive.read("model_meta.json")) if "model_meta.json" in names else {}
-        old_fingerprint = model_version(weights_digest(old_model), old_meta)
+        old_variant = VARIANTS.get(old_meta.get("variant") or EXPORTED_VARIANT)
+        # A quantized file's state dict lacks its packed weights; archive.build recorded the digest
+        # of the fp32 weights it was built from (served_variant).
+        old_weights = (
+            old_meta["weights_digest"] if old_variant and old_variant.quantized else weights_digest(old_model)
+        )
+        old_fingerprint = model_version(old_weights, old_meta)
     except (OSError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile) as exc:
         raise ArchiveError(
             f"{target} exists but is not a readable model archive ({exc}); pass --force to overwrite it",
@@ -344,6 +407,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--response-timeout", type=int, default=defaults.response_timeout, help="s per batch before a restart"
     )
     add("--startup-timeout", type=int, default=defaults.startup_timeout, help="s for a worker to load")
+    add(
+        "--variant",
+        choices=list(VARIANTS),
+        default=DEFAULT_VARIANT,
+        help="how the model is stored and loaded (handler/variants.py; figures in docs/serving.md)",
+    )
+    add("--data", type=Path, default=DATA_DIR, help="training.data's output: calibration and parity check")
+    add(
+        "--max-accuracy-drop",
+        type=float,
+        default=MAX_ACCURACY_DROP,
+        help="points of test accuracy a variant may lose against the export before the build stops",
+    )
     add("--force", action="store_true", help="overwrite an existing archive whatever it holds")
     return parser.parse_args(argv)
 
@@ -360,7 +436,23 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def run() -> None:
-        result = build(args.export_dir, args.store, args.name, config, args.force)
+        result = build(
+            args.export_dir,
+            args.store,
+            args.name,
+            config,
+            args.force,
+            args.variant,
+            args.data,
+            args.max_accuracy_drop,
+        )
+        metrics = result.meta.metrics
+        if result.meta.variant != EXPORTED_VARIANT:
+            print(
+                f"variant {result.meta.variant}: test accuracy {metrics['test_accuracy']:.4f} "
+                f"(export {metrics['fp32_test_accuracy']:.4f}), top-1 agreement with the export "
+                f"{metrics['agreement']:.4f} on {metrics['test_images']} test images"
+            )
         top = result.check_summary["top"]
         print(
             f"self-check passed: PNG -> 200 (top: {top['label']} {top['probability']:.3f}), bad body -> 400"
@@ -368,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.replaced:
             print(f"existing archive {result.replaced}")
         size = f"{result.size} bytes ({result.size / 1024:.1f} KiB)"
-        for label, value in (("archive", result.path), ("size", size), ("version", result.version)):
+        rows = (("archive", result.path), ("size", size), ("version", result.version))
+        for label, value in (*rows, ("variant", result.meta.variant)):
             print(f"{label + ':':<9}{value}")
         print(f"sha256:  {result.sha256}")
 

@@ -192,6 +192,7 @@ def check(model_dir: Path) -> dict[str, Any]:
         "handler.payload",
         "handler.postprocess",
         "handler.monitor",
+        "handler.variants",
     ):
         origin = Path(sys.modules[module].__file__).resolve()
         if not origin.is_relative_to(model_dir.resolve()):

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import time
-import warnings
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from handler.monitor import Monitor, MonitorSpec, enabled
 from handler.payload import parse_request
 from handler.postprocess import encode_prediction, prediction_body, probabilities
 from handler.preprocess import InputError, normalize, to_pixels
+from handler.variants import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +61,6 @@ def configure_threads() -> int:
     return threads
 
 
-def load_model(path: Path) -> torch.jit.ScriptModule:
-    """TorchScript from training.export (saved unfrozen) -> frozen, inference-optimised module."""
-    with warnings.catch_warnings():
-        # TorchScript is this project's serving format; torch flags each torch.jit call as deprecated,
-        # which would add six stderr lines to every worker start without anything to act on.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
-        model = torch.jit.load(str(path), map_location="cpu").eval()
-        return torch.jit.optimize_for_inference(torch.jit.freeze(model))
-
-
 class FashionMNISTHandler(BaseHandler):
     """Every request in a batch gets its own answer: 200 with top-k predictions, or 400/413.
 
@@ -93,7 +83,8 @@ class FashionMNISTHandler(BaseHandler):
                 f"the archive's serializedFile resolves to {model_file}, outside the archive; "
                 "build archives with `python -m archive.build`"
             )
-        self.model = load_model(model_file)
+        # The variant archive.build chose (handler/variants.py) decides how the file is loaded.
+        self.model = load_model(model_file, meta.variant)
         # Fail the load, not every request, if the model does not fit the metadata. Two calls also
         # let TorchScript's profiling executor finish optimising before the first client arrives.
         with torch.inference_mode():
@@ -112,9 +103,10 @@ class FashionMNISTHandler(BaseHandler):
             self.monitor.started(context.metrics)
         self.initialized = True
         logger.info(
-            "loaded %s %s (%d classes, %d torch threads)",
+            "loaded %s %s (variant %s, %d classes, %d torch threads)",
             self.model_name,
             self.version,
+            meta.variant,
             len(self.classes),
             threads,
         )

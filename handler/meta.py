@@ -21,6 +21,7 @@ from typing import Any
 from handler import MODEL_NAME
 from handler.postprocess import class_names
 from handler.preprocess import PreprocessSpec
+from handler.variants import EXPORTED_VARIANT, VARIANTS
 
 META_FILE = "model_meta.json"
 INDEX_FILE = "index_to_name.json"  # TorchServe's conventional class map, written from `classes`
@@ -55,6 +56,9 @@ class ModelMeta:
     # from which training.export derives the version (model/fingerprint.py).
     data_hash: str | None = None
     weights_digest: str = ""
+    # How the model file is loaded (handler/variants.py): the export is "fp32"; `python -m
+    # archive.build --variant` writes the variant it archived into the archive's copy.
+    variant: str = EXPORTED_VARIANT
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,6 +73,8 @@ class ModelMeta:
             raise MetaError(f"classes must be a non-empty list of names, got {classes!r}")
         if len(set(classes)) != len(classes):
             raise MetaError(f"class names must be unique, got {classes}")
+        if self.variant not in VARIANTS:
+            raise MetaError(f"variant {self.variant!r} is not one of {list(VARIANTS)} (handler/variants.py)")
         for what in ("architecture", "metrics", "reference_stats", "source"):
             if not isinstance(getattr(self, what), dict):
                 raise MetaError(f"{what} must be a JSON object, got {getattr(self, what)!r}")

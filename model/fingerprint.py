@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from handler.variants import VARIANTS
+
 # model_meta.json fields that change what the model answers; timestamps, git commit and metrics don't.
 IDENTITY_FIELDS = ("architecture", "preprocess", "classes")
 VERSION_LENGTH = 12  # hex digits: 48 bits, ample for the versions of one model name
@@ -34,5 +36,10 @@ def weights_digest(module: torch.nn.Module) -> str:
 def model_version(weights: str, meta: Mapping[str, Any]) -> str:
     """A version derived from what the model was built from: weights digest + IDENTITY_FIELDS."""
     identity = {"weights": weights, **{key: meta.get(key) for key in IDENTITY_FIELDS}}
+    # A quantized variant of the same weights answers differently: another model. The fp32 variants
+    # only load the same file differently, so they (and metadata older than variants) keep the version.
+    variant = VARIANTS.get(meta.get("variant") or "")
+    if variant is not None and variant.quantized:
+        identity["variant"] = variant.name
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:VERSION_LENGTH]

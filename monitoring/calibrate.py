@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from handler import monitor
-from handler.fashion_handler import load_model
 from handler.preprocess import PreprocessSpec, normalize
+from handler.variants import EXPORTED_VARIANT, load_model
 from monitoring import detector
 from monitoring.rules import RulesError, Thresholds
 from monitoring.shifts import SHIFTS
@@ -62,8 +62,8 @@ def window_scores(
 
 
 def measure(model_dir: Path, data: Path, windows: int, size: int) -> dict[str, list[dict[str, float]]]:
-    _, ref, spec, mspec = detector.export_specs(model_dir)
-    model = load_model(model_dir / "model.pt")
+    meta, ref, spec, mspec = detector.export_specs(model_dir)
+    model = load_model(model_dir / "model.pt", meta.get("variant", EXPORTED_VARIANT))
     test = load_split(data, "test")
     rng = np.random.default_rng(0)
     out = {}

@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from handler import monitor
-from handler.fashion_handler import load_model
 from handler.preprocess import PreprocessSpec, normalize
+from handler.variants import EXPORTED_VARIANT, load_model
 from monitoring import detector
 from monitoring.rules import RulesError, Thresholds
 from monitoring.shifts import SHIFTS
@@ -81,7 +81,7 @@ def evaluate(
 def measure(model_dir: Path, data: Path, limit: int | None, seed: int, limits: Thresholds) -> dict[str, Any]:
     """Run every shift at every severity on the test split (or a seeded subsample of `limit` images)."""
     meta, ref, spec, mspec = detector.export_specs(model_dir)
-    model = load_model(model_dir / "model.pt")
+    model = load_model(model_dir / "model.pt", meta.get("variant", EXPORTED_VARIANT))
     test = load_split(data, "test")
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.permutation(len(test))[:limit]) if limit else np.arange(len(test))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, real_data_root: Path) 
         )
     run = tmp_path_factory.mktemp("run") / "run"
     train(cfg, run)
+    # trainer.deterministic turns on torch.use_deterministic_algorithms for the whole process and
+    # leaves it on; int8 kernels have no deterministic version, and no server runs training first.
+    torch.use_deterministic_algorithms(False)
     return run
 
 
@@ -177,11 +181,21 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, real
 
 
 @pytest.fixture(scope="session")
-def mar_file(tmp_path_factory: pytest.TempPathFactory, export_dir: Path) -> Path:
-    """`export_dir` archived by the project's own archive step (self-checked before it is published)."""
+def mar_file(tmp_path_factory: pytest.TempPathFactory, export_dir: Path, real_data_root: Path) -> Path:
+    """`export_dir` archived by the project's own archive step (self-checked before it is published),
+    as the default variant (archive/variants.py)."""
     from archive.build import build
 
-    return build(export_dir, tmp_path_factory.mktemp("model_store")).path
+    return build(export_dir, tmp_path_factory.mktemp("model_store"), data_root=real_data_root).path
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory: pytest.TempPathFactory, mar_file: Path) -> Path:
+    """`mar_file` unpacked: the files the server answers from, for offline evaluation of the same artifact."""
+    out = tmp_path_factory.mktemp("served") / "model"
+    with zipfile.ZipFile(mar_file) as archive:
+        archive.extractall(out)
+    return out
 
 
 # --- a real TorchServe per deploy target (test_hostile, test_grpc) -----------------------------------

@@ -1,8 +1,9 @@
 """Helpers for the tests that run a real TorchServe: a server for a test module, the offline answers
 the server must reproduce, and the headers of a raw prediction request.
 
-The offline side is exactly what evaluation of an export does: torch.jit.load(model.pt) and the
-shared handler.preprocess on the same PNG bytes the server receives.
+The offline side is exactly what evaluation of a model directory (an export, or an unpacked archive)
+does: the handler's own loader (handler/variants.py, as the metadata's variant says) and the shared
+handler.preprocess on the same PNG bytes the server receives.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from handler.preprocess import PreprocessSpec, preprocess
+from handler.variants import EXPORTED_VARIANT, load_model
 from serving import MODEL_NAME
 from serving.client import Client
 from serving.server import ANY_PORTS, Instance, start, stop
@@ -43,11 +45,11 @@ def inference_headers(client: Client, top_k: int = 5) -> dict[str, str]:
     }
 
 
-def offline_probabilities(export_dir: Path, bodies: Sequence[bytes], batch: int = 1000) -> torch.Tensor:
-    """(N, C) class probabilities of the exported model for encoded images, evaluated in-process."""
-    meta = json.loads((export_dir / "model_meta.json").read_text(encoding="utf-8"))
+def offline_probabilities(model_dir: Path, bodies: Sequence[bytes], batch: int = 1000) -> torch.Tensor:
+    """(N, C) class probabilities of the model in `model_dir` for encoded images, evaluated in-process."""
+    meta = json.loads((model_dir / "model_meta.json").read_text(encoding="utf-8"))
     spec = PreprocessSpec.from_meta(meta)
-    model = torch.jit.load(str(export_dir / "model.pt"), map_location="cpu").eval()
+    model = load_model(model_dir / "model.pt", meta.get("variant", EXPORTED_VARIANT))
     out = []
     with torch.inference_mode():
         for first in range(0, len(bodies), batch):

@@ -23,10 +23,18 @@ from serving import REPO
         (["scripts.soak", "--model-store", "{tmp}", "--no-doc"], "fashion_mnist.mar not found: build it"),
         (["scripts.soak", "--minutes", "soon"], "invalid float value"),
         (["scripts.bench_serving", "--model-store", "{tmp}"], "fashion_mnist.mar not found"),
+        (["scripts.bench_variants", "--export-dir", "{tmp}", "--doc", "{tmp}/x.md"], "training.export"),
         (["scripts.serve", "--state-dir", "{tmp}", "predict", "{tmp}"], "no images"),
         (["serving.tsconfig", "--print", "laptop"], "invalid choice"),
     ],
-    ids=["soak-no-archive", "soak-bad-flag", "bench-no-archive", "predict-no-images", "tsconfig-bad-target"],
+    ids=[
+        "soak-no-archive",
+        "soak-bad-flag",
+        "bench-no-archive",
+        "variants-no-export",
+        "predict-no-images",
+        "tsconfig-bad-target",
+    ],
 )
 def test_bad_input_exits_2_and_names_the_fix(tmp_path: Path, command: list[str], message: str) -> None:
     args = [arg.format(tmp=tmp_path) for arg in command]

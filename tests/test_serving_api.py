@@ -272,17 +272,17 @@ def test_registration_refuses_urls_and_paths_outside_the_store(
 
 @pytest.mark.parametrize(("top_k", "expected"), [(None, 5), (1, 1), (10, 10)])
 def test_prediction_is_top_k_with_labels_and_version(
-    model: Client, export_dir: Path, test_split: Split, top_k: int | None, expected: int
+    model: Client, served_model_dir: Path, test_split: Split, top_k: int | None, expected: int
 ) -> None:
     body = first_pngs(test_split, 1)[0]
-    meta = json.loads((export_dir / "model_meta.json").read_text())
+    meta = json.loads((served_model_dir / "model_meta.json").read_text())
     answer = model.predict(body, top_k=top_k)
     assert (answer.model, answer.version) == (MODEL, meta["version"])
     preds = answer.predictions
     assert len(preds) == expected
     assert [p.label for p in preds] == [meta["classes"][p.index] for p in preds]
     assert [p.probability for p in preds] == sorted((p.probability for p in preds), reverse=True)
-    assert preds[0].index == int(offline_probabilities(export_dir, [body])[0].argmax())
+    assert preds[0].index == int(offline_probabilities(served_model_dir, [body])[0].argmax())
 
 
 @pytest.mark.parametrize(
@@ -359,10 +359,10 @@ def test_expired_inference_key_is_renewed_through_the_token_api(server: Instance
 
 
 def test_concurrent_batched_requests_each_get_their_own_answer(
-    client: Client, export_dir: Path, test_split: Split
+    client: Client, served_model_dir: Path, test_split: Split
 ) -> None:
     bodies = first_pngs(test_split, 256)
-    expected = offline_probabilities(export_dir, bodies)
+    expected = offline_probabilities(served_model_dir, bodies)
     with registered(client, batch_size=8, max_batch_delay=50):
         assert client.describe()[0]["batchSize"] == 8
         answers = post_all(predictions_url(client), bodies, inference_headers(client), clients=16)
@@ -389,7 +389,7 @@ def test_concurrent_batched_requests_each_get_their_own_answer(
 )
 def test_bad_image_in_a_batch_fails_alone(
     client: Client,
-    export_dir: Path,
+    served_model_dir: Path,
     test_split: Split,
     bad_body: bytes,
     status: int,
@@ -407,7 +407,7 @@ def test_bad_image_in_a_batch_fails_alone(
     assert [code for code, _ in answers] == [200, 200, 200, status, 200, 200, 200, 200]
     assert answers[3][1]["error"] == error and answers[3][1]["detail"]
     served = [answer["predictions"][0]["index"] for code, answer in answers if code == 200]
-    assert served == offline_probabilities(export_dir, good).argmax(1).tolist()
+    assert served == offline_probabilities(served_model_dir, good).argmax(1).tolist()
 
 
 # --- logs -----------------------------------------------------------------------------------------
@@ -445,10 +445,10 @@ def test_requests_add_access_log_lines_but_no_server_log_lines(
 
 
 def test_served_classes_match_offline_evaluation_on_the_whole_test_set(
-    model: Client, export_dir: Path, test_split: Split, capsys: pytest.CaptureFixture[str]
+    model: Client, served_model_dir: Path, test_split: Split, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bodies = first_pngs(test_split, len(test_split))
-    offline = offline_probabilities(export_dir, bodies).argmax(1)
+    offline = offline_probabilities(served_model_dir, bodies).argmax(1)
     start = time.monotonic()
     answers = post_all(predictions_url(model), bodies, inference_headers(model, top_k=1), clients=16)
     elapsed = time.monotonic() - start

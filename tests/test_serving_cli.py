@@ -94,16 +94,16 @@ def test_set_default_explains_a_version_that_is_not_registered(model: Instance) 
 
 
 def test_predict_prints_a_top_k_table(
-    model: Instance, export_dir: Path, real_data_root: Path, tmp_path: Path
+    model: Instance, served_model_dir: Path, real_data_root: Path, tmp_path: Path
 ) -> None:
     split = load_split(real_data_root, "test")
     bodies = [encode(pixels) for pixels in split.images[:3].numpy()]
-    classes = json.loads((export_dir / "model_meta.json").read_text())["classes"]
+    classes = json.loads((served_model_dir / "model_meta.json").read_text())["classes"]
     files = []
     for i, body in enumerate(bodies):  # named like `training.data --samples` names them
         files.append(tmp_path / f"test{i:05d}_{label_slug(classes[split.labels[i]])}.png")
         files[-1].write_bytes(body)
-    expected = [classes[i] for i in offline_probabilities(export_dir, bodies).argmax(1).tolist()]
+    expected = [classes[i] for i in offline_probabilities(served_model_dir, bodies).argmax(1).tolist()]
     truth = [label_slug(classes[label]) for label in split.labels[:3].tolist()]
     done = serve_cli(*on(model, "predict", str(tmp_path), "--top-k", "2", "--truth-from-name"))
     assert done.returncode == 0, done.stderr

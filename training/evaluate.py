@@ -24,17 +24,19 @@ from tqdm import tqdm
 
 from handler.meta import MetaError, ModelMeta
 from handler.preprocess import PreprocessSpec, preprocess
+from handler.variants import load_model
 from training.cli import EXIT_USAGE, REPORTS_DIR, StageError, add_model_and_data, run_stage
 from training.data import load_split
 
 PROG = "python -m training.evaluate"
 
 
-def load_exported(model_dir: Path) -> tuple[torch.jit.ScriptModule, ModelMeta]:
+def load_exported(model_dir: Path) -> tuple[torch.nn.Module, ModelMeta]:
     """Load model.pt + model_meta.json and optimise it exactly as the TorchServe handler does.
 
-    The file is unfrozen (portable across torch versions); freezing and conv-BN folding
-    happen here, after loading, so offline numbers are the numbers the server produces.
+    The file is unfrozen (portable across torch versions); freezing and optimising happen after
+    loading, as its variant says (handler/variants.py), so offline numbers are the numbers the
+    server produces. An unpacked archive works too: its metadata names the variant it serves.
     Raises StageError (exit 2) naming the file and the command that writes it.
     """
     model_path = model_dir / "model.pt"
@@ -46,10 +48,7 @@ def load_exported(model_dir: Path) -> tuple[torch.jit.ScriptModule, ModelMeta]:
         meta = ModelMeta.load(model_dir)
     except MetaError as exc:
         raise StageError(str(exc), exit_code=EXIT_USAGE) from exc
-    model = torch.jit.optimize_for_inference(
-        torch.jit.freeze(torch.jit.load(str(model_path), map_location="cpu").eval())
-    )
-    return model, meta
+    return load_model(model_path, meta.variant), meta
 
 
 @torch.inference_mode()

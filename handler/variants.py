@@ -1,0 +1,89 @@
+"""How a served model file is loaded: one entry per variant of the exported model.
+
+`python -m archive.build --variant NAME` writes the variant's model file into the archive and its
+name into the archive's model_meta.json (`variant`); the handler, offline evaluation and the
+variant benchmark all load it with `load_model`, so each runs exactly what the server runs:
+
+    >>> model = load_model(Path("model.pt"), "int8")      # jit.load -> freeze (-> optimize)
+    >>> model(batch)                                      # (N, C) logits
+
+Every file stays plain TorchScript saved *unfrozen* (other torch versions load it: the serving
+image has an older torch than training); freezing and optimising happen here, after loading.
+This module ships inside the `.mar` (as `handler/variants.py`), so it depends only on torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model file's format and the settings it is loaded with."""
+
+    name: str
+    description: str
+    optimize: bool = True  # torch.jit.optimize_for_inference after freezing (conv-BN folding, oneDNN)
+    channels_last: bool = False  # inputs reach the model in NHWC layout
+    # torch.jit.enable_onednn_fusion: oneDNN Graph fuses conv/BN/ReLU chains over the profiled graph.
+    # A process-wide switch, which is fine in a TorchServe worker: one model per process.
+    onednn_graph: bool = False
+    quantized: bool = False  # the file holds int8 weights: it answers differently from the export
+
+
+VARIANTS: dict[str, Variant] = {
+    variant.name: variant
+    for variant in (
+        Variant("fp32", "the export's TorchScript, frozen and optimize_for_inference at load"),
+        Variant("fp32-channels-last", "fp32, inputs in channels_last (NHWC) layout", channels_last=True),
+        Variant("fp32-frozen", "fp32, frozen only (no optimize_for_inference)", optimize=False),
+        Variant("fp32-onednn-graph", "fp32, frozen, oneDNN Graph fusion", optimize=False, onednn_graph=True),
+        Variant(
+            "int8",
+            "x86 int8 post-training quantization (FX graph mode), traced TorchScript, frozen at load",
+            optimize=False,
+            quantized=True,
+        ),
+    )
+}
+# What training.export writes: the export itself is the fp32 variant.
+EXPORTED_VARIANT = "fp32"
+
+
+class ServedModel(torch.nn.Module):
+    """A loaded model plus the input layout its variant expects."""
+
+    def __init__(self, module: torch.jit.ScriptModule, variant: Variant) -> None:
+        super().__init__()
+        self.module, self.variant = module, variant
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.variant.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.module(inputs)
+
+
+def variant_named(name: str) -> Variant:
+    """The Variant called `name`; ValueError listing the known names otherwise."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown model variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def load_model(path: Path, variant: str = EXPORTED_VARIANT) -> ServedModel:
+    """An unfrozen TorchScript file -> the frozen, optimised model its variant serves."""
+    settings = variant_named(variant)
+    torch.jit.enable_onednn_fusion(settings.onednn_graph)
+    with warnings.catch_warnings():
+        # TorchScript is this project's serving format; torch flags each torch.jit call as deprecated,
+        # which would add stderr lines to every worker start with nothing to act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+        module = torch.jit.freeze(torch.jit.load(str(path), map_location="cpu").eval())
+        if settings.optimize:
+            module = torch.jit.optimize_for_inference(module)
+    return ServedModel(module, settings).eval()
