@@ -40,7 +40,11 @@ from serving.server import (
     server_process,
     tokens_enabled,
 )
+from serving.waiting import WaitTimeout, wait_for
 
+# How long an unregistration waits for a full job queue to drain (a full queue of 16 batches of 8
+# empties in well under a second; this leaves room for a loaded host).
+QUEUE_DRAIN_S = 30.0
 # Renew a key this long before TorchServe's own expiry, so a request never races it.
 KEY_RENEW_MARGIN = timedelta(seconds=30)
 
@@ -245,10 +249,24 @@ class Client:
         """The version /predictions/<model> serves (GET /models/<model> describes only the default)."""
         return str(self.describe(model)[0]["modelVersion"])
 
-    def unregister(self, model: str = MODEL_NAME) -> dict[str, Any]:
-        return self._expect_ok(
-            self.call("management", "DELETE", f"/models/{model}"), f"unregister {model}", model
-        )
+    def unregister(self, model: str = MODEL_NAME, drain_timeout: float = QUEUE_DRAIN_S) -> dict[str, Any]:
+        """Unregister `model`. TorchServe queues the unregistration behind the model's pending
+        requests and answers 500 "Deque full" while that queue is full (right after an overload):
+        such answers are retried for up to `drain_timeout` s while the queue drains."""
+
+        def attempt() -> requests.Response | None:
+            resp = self.call("management", "DELETE", f"/models/{model}")
+            full = resp.status_code == 500 and "Deque full" in error_fields(resp)[1]
+            return None if full else resp
+
+        try:
+            resp = wait_for(attempt, drain_timeout, f"{model}'s job queue to drain", interval=0.25)
+        except WaitTimeout:
+            raise ServeError(
+                f"cannot unregister {model}: its job queue stayed full for {drain_timeout:g} s; stop "
+                "the clients sending to it, then try again"
+            ) from None
+        return self._expect_ok(resp, f"unregister {model}", model)
 
     def scale(self, min_workers: int, max_workers: int, model: str = MODEL_NAME) -> dict[str, Any]:
         """Set the worker range; returns once the workers have started or stopped."""
