@@ -31,7 +31,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from handler.meta import ModelMeta
 from handler.preprocess import normalize
-from handler.variants import EXPORTED_VARIANT, load_model, variant_named
+from handler.variants import EXPORTED_VARIANT, load_model, nondeterministic_kernels, variant_named
 from model import FashionCNN
 from training.cli import EXIT_USAGE, StageError
 from training.data import load_split
@@ -181,7 +181,9 @@ def build_variant(
             exit_code=EXIT_USAGE,
         )
     if settings.quantized:
-        quantize_int8(eager_model(export_file, meta), calibration_set(data_root, meta)).save(str(model_file))
+        with nondeterministic_kernels():
+            quantized = quantize_int8(eager_model(export_file, meta), calibration_set(data_root, meta))
+        quantized.save(str(model_file))
     else:
         shutil.copyfile(export_file, model_file)
     metrics = parity(export_file, model_file, variant, data_root, meta, max_drop)

@@ -15,6 +15,8 @@ This module ships inside the `.mar` (as `handler/variants.py`), so it depends on
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,23 @@ VARIANTS: dict[str, Variant] = {
 EXPORTED_VARIANT = "fp32"
 
 
+@contextmanager
+def nondeterministic_kernels() -> Iterator[None]:
+    """Run int8 kernels even where torch.use_deterministic_algorithms(True) is on, and restore it.
+
+    Lightning's `trainer.deterministic` switches that on for the whole process and leaves it on, so
+    any process that trained first (a notebook, the tests) would have the quantized kernels, which
+    have no deterministic version, raise. A worker never trains, so there it changes nothing.
+    """
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 class ServedModel(torch.nn.Module):
     """A loaded model plus the input layout its variant expects."""
 
@@ -64,6 +83,9 @@ class ServedModel(torch.nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.variant.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if self.variant.quantized:
+            with nondeterministic_kernels():
+                return self.module(inputs)
         return self.module(inputs)
 
 

@@ -19,9 +19,9 @@ from PIL import Image
 
 from archive.build import ArchiveError, build, main, served_variant, validate_export
 from archive.selfcheck import WorkerRequest, predict
-from archive.variants import VariantError, parity
+from archive.variants import VariantError, build_variant, parity
 from handler.meta import MetaError, ModelMeta
-from handler.variants import EXPORTED_VARIANT, VARIANTS
+from handler.variants import EXPORTED_VARIANT, VARIANTS, load_model
 from tests.conftest import load_handler, make_random_export
 from training.data import load_split
 from training.evaluate import load_exported, preprocess_images
@@ -105,6 +105,21 @@ def test_int8_archive_through_the_command_line(
     # The same build again is the same model: a quantized file is identified by the weights it came from.
     again = build(export_dir, store, variant="int8", data_root=real_data_root, max_drop=LENIENT_DROP)
     assert again.replaced == "replaced version 1.0-int8 (same model)"
+
+
+def test_int8_builds_and_answers_after_training_left_determinism_on(
+    export_dir: Path, real_data_root: Path, tmp_path: Path
+) -> None:
+    """Lightning's trainer.deterministic leaves torch.use_deterministic_algorithms on in the process;
+    int8 kernels have no deterministic version, so they run with it off, and it is restored after."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        built = build_variant(export_dir, "int8", real_data_root, tmp_path / "int8", max_drop=LENIENT_DROP)
+        model = load_model(built.model_file, "int8")
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_a_variant_without_data_names_the_data_command(
