@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "monitoring.md")
     args = parser.parse_args(argv)
     try:
-        wrk.version()
+        wrk.executable()  # fails now, with the fix, rather than after the first server start
     except ServeError as err:
         raise SystemExit(f"error: {err}") from None
     if not (args.model_store / f"{MODEL_NAME}.mar").is_file():
