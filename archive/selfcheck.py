@@ -166,6 +166,31 @@ def load_service(model_dir: Path, batch_size: int = 8) -> Service:
     )
 
 
+def export_service(model_dir: Path, batch_size: int = 8) -> tuple[Service, Any]:
+    """An export (training.export's output, no archive) behind TorchServe's own Service, with the
+    repository's handler initialised like a worker does it: for the tests and the handler profile.
+    (Imported here, not at the top: load_service must import the handler from the archive.)"""
+    from handler import MODEL_NAME
+    from handler.fashion_handler import FashionMNISTHandler
+
+    handler = FashionMNISTHandler()
+    manifest = {
+        "model": {"modelName": MODEL_NAME, "serializedFile": "model.pt", "handler": "fashion_handler.py"}
+    }
+    service = Service(
+        MODEL_NAME,
+        str(model_dir),
+        manifest,
+        handler.handle,
+        None,
+        batch_size,
+        True,
+        metrics_cache(MODEL_NAME),
+    )
+    handler.initialize(service.context)
+    return service, handler
+
+
 def predict(service: Service, requests: list[WorkerRequest]) -> list[Answer]:
     """One batch through the worker's decode -> handler -> encode path."""
     _, batch = retrieve_msg(_FrameSocket(encode_batch(requests)))

@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from serving import MODEL_NAME, REPO
+from serving.docblock import command, machine
 from serving.server import ANY_PORTS, InputError, Instance, ServeError, exit_status, start, stop
 
 PROG = "python -m serving.profile"
@@ -71,25 +71,14 @@ def sample_bodies(data: Path, count: int) -> list[bytes]:
 
 def load_export(model_dir: Path, batch: int) -> tuple[Any, Any]:
     """(TorchServe's Service, the handler behind it), initialised from an export like a worker does it."""
-    from ts.service import Service
-
-    from archive.selfcheck import metrics_cache
-    from handler.fashion_handler import FashionMNISTHandler
+    from archive.selfcheck import export_service
 
     if not (model_dir / "model.pt").is_file():
         raise InputError(
             f"no exported model in {model_dir}: run `make train export` (or `python -m training.export`), "
             "or pass --model-dir"
         )
-    handler = FashionMNISTHandler()
-    manifest = {
-        "model": {"modelName": MODEL_NAME, "serializedFile": "model.pt", "handler": "fashion_handler.py"}
-    }
-    service = Service(
-        MODEL_NAME, str(model_dir), manifest, handler.handle, None, batch, True, metrics_cache("x")
-    )
-    handler.initialize(service.context)
-    return service, handler
+    return export_service(model_dir, batch)
 
 
 def frames(bodies: Sequence[bytes], batch: int, count: int) -> list[bytes]:
@@ -237,7 +226,7 @@ def render_handler(result: dict, rows: Sequence[Any]) -> str:
     )
     return f"""# Handler profile
 
-`{_command()}` on {time.strftime("%Y-%m-%d %H:%M")}, {_machine()}.
+`{command(PROG.split(), sys.argv[1:])}` on {time.strftime("%Y-%m-%d %H:%M")}, {machine()}.
 Batches of {result["batch"]} PNG-encoded 28x28 test images, {result["requests"]:,} requests per
 figure, monitoring {"on" if result["monitoring"] else "off"}, 1 torch thread (as in a worker).
 
@@ -294,14 +283,14 @@ def compare_handler(
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         # -P: the working directory is not put first on sys.path, so PYTHONPATH decides which
         # handler/ is imported.
-        command = [
+        timer = [
             sys.executable, "-P", "-m", "serving.profile", "time-handler", "--model-dir", str(model_dir),
             "--data", str(data), "--batch", str(batch), "--batches", str(batches),
         ]  # fmt: skip
         paths = {rev: f"{tmp}{os.pathsep}{REPO}", "this tree": str(REPO)}
         sides = {
             name: subprocess.Popen(
-                command,
+                timer,
                 env={**os.environ, "PYTHONPATH": path},
                 cwd=tmp,
                 text=True,
@@ -341,7 +330,7 @@ def compare_handler(
     (out / "serving_handler_compare.md").write_text(
         f"""# Handler end to end: this tree against `{rev}`
 
-`{_command()}` on {time.strftime("%Y-%m-%d %H:%M")}, {_machine()}.
+`{command(PROG.split(), sys.argv[1:])}` on {time.strftime("%Y-%m-%d %H:%M")}, {machine()}.
 Batches of {batch} PNG test images through TorchServe's worker code and the handler; each side in its
 own interpreter, taking {rounds} turns of {chunk} batches, each batch timed once by CPU time and once
 by wall time; medians over every batch of a side, µs per request.
@@ -504,7 +493,7 @@ def render_live(result: dict[str, Any]) -> str:
     settings = result["settings"]
     return f"""# Live worker profile (py-spy)
 
-`{_command()}` on {time.strftime("%Y-%m-%d %H:%M")}, {_machine()}.
+`{command(PROG.split(), sys.argv[1:])}` on {time.strftime("%Y-%m-%d %H:%M")}, {machine()}.
 One worker, batch size {settings["batchSize"]}, max batch delay {settings["maxBatchDelay"]} ms;
 {result["clients"]} closed-loop keep-alive clients (serving.loadgen) for the {result["seconds"]:g} s of the
 recording: {result["requests"]:,} requests, {result["rps"]:.0f} req/s, p50 {result["p50_ms"]:.1f} ms,
@@ -531,16 +520,6 @@ Functions by self samples (time in the function's own code):
 |---|---|
 {table(stacks["self"], 15)}
 """
-
-
-def _command() -> str:
-    return shlex.join([*PROG.split(), *sys.argv[1:]])
-
-
-def _machine() -> str:
-    from serving.docblock import machine
-
-    return machine()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,7 @@ from omegaconf import DictConfig
 from ts.service import Service
 
 from archive.build import ServingConfig
-from archive.selfcheck import metrics_cache
-from handler.fashion_handler import FashionMNISTHandler
+from archive.selfcheck import export_service
 from handler.meta import ModelMeta
 from model import FashionCNN
 from serving.client import Client
@@ -63,15 +62,7 @@ def load_handler(model_dir: Path) -> Service:
     Batches go through it with archive.selfcheck.predict: TorchServe's frame decoding, the handler,
     and TorchServe's per-request status encoding, with no JVM.
     """
-    handler = FashionMNISTHandler()
-    manifest = {
-        "model": {"modelName": "fashion_mnist", "serializedFile": "model.pt", "handler": "fashion_handler.py"}
-    }
-    service = Service(
-        "fashion_mnist", str(model_dir), manifest, handler.handle, None, 8, True, metrics_cache("x")
-    )
-    handler.initialize(service.context)
-    return service
+    return export_service(model_dir)[0]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
