@@ -75,7 +75,7 @@ lint:  ## every pre-commit hook over the whole tree (ruff, shellcheck, hadolint,
 
 test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest --cov=model --cov=training --cov-report=term-missing --cov-report=xml \
+	$(PY) -m pytest --durations=25 --cov=model --cov=training --cov-report=term-missing --cov-report=xml \
 		--cov-fail-under=85
 
 test-fast:  ## unit tests only (no JVM, no docker), for quick iteration

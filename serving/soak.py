@@ -9,7 +9,7 @@ latency and memory. The command line, which starts its own server, is `python -m
    requests per second are the capacity (client and server share this machine's cores, so it is the
    capacity of this setup);
 2. warm-up: the same clients send at a fixed total rate of `load` x capacity until the RSS of the
-   JVM and of every worker has settled (within 2% over 10 samples; at most `max_warmup_seconds`):
+   JVM and of every worker has settled (within 2% over `STABLE_WINDOW` samples; at most `max_warmup_seconds`):
    growth is measured from then on, so first-touch of memory does not count as a leak;
 3. soak: the same rate for `minutes`, open loop (loadgen.drive), latency counted from the due time;
 4. memory: throughout, every `sample_seconds`, the RSS of the JVM and of each worker process.
@@ -30,7 +30,7 @@ import numpy as np
 from serving import MODEL_NAME
 from serving.client import Client
 from serving.docblock import machine
-from serving.loadgen import MemoryTrace, Sample, drive, growth, record_memory
+from serving.loadgen import STABLE_WINDOW, MemoryTrace, Sample, drive, growth, record_memory
 
 
 @dataclass
@@ -149,7 +149,11 @@ def render(result: SoakResult, command: str, figure: Path, doc: Path) -> str:
         if g
     )
     jvm, lat = result.jvm, result.latency_ms
-    settled = "RSS settled (within 2% over 10 s)" if result.warmup_settled else "RSS not settled (time limit)"
+    settled = (
+        f"RSS settled (within 2% over {STABLE_WINDOW} samples)"
+        if result.warmup_settled
+        else "RSS not settled (time limit)"
+    )
     memory = (
         f"JVM {jvm['start_mb']:.0f} -> {jvm['end_mb']:.0f} MB ({jvm['growth_pct']:+.1f}%, "
         f"max {jvm['max_mb']:.0f}); {workers}"
