@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 7
+    max_epochs: int = 6
     lr: float = 3e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
