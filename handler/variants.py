@@ -89,6 +89,18 @@ class ServedModel(torch.nn.Module):
         return self.module(inputs)
 
 
+@contextmanager
+def torchscript_quietly() -> Iterator[None]:
+    """Silence torch's FutureWarning on every torch.jit call inside the block, and only that warning.
+
+    TorchScript is this project's serving format; torch flags each torch.jit call as deprecated,
+    which would add stderr lines to every worker start and export with nothing to act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+        yield
+
+
 def variant_named(name: str) -> Variant:
     """The Variant called `name`; ValueError listing the known names otherwise."""
     try:
@@ -101,10 +113,7 @@ def load_model(path: Path, variant: str = EXPORTED_VARIANT) -> ServedModel:
     """An unfrozen TorchScript file -> the frozen, optimised model its variant serves."""
     settings = variant_named(variant)
     torch.jit.enable_onednn_fusion(settings.onednn_graph)
-    with warnings.catch_warnings():
-        # TorchScript is this project's serving format; torch flags each torch.jit call as deprecated,
-        # which would add stderr lines to every worker start with nothing to act on.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+    with torchscript_quietly():
         module = torch.jit.freeze(torch.jit.load(str(path), map_location="cpu").eval())
         if settings.optimize:
             module = torch.jit.optimize_for_inference(module)

@@ -41,6 +41,7 @@ from omegaconf import OmegaConf
 from handler.meta import NAME_PATTERN, ModelMeta
 from handler.monitor import reference_histograms
 from handler.preprocess import PreprocessSpec, normalize
+from handler.variants import torchscript_quietly
 from model import count_parameters, model_version, weights_digest
 from training.cli import EXIT_USAGE, EXPORT_DIR, REPO_ROOT, RUN_ROOT, StageError, repo_path, run_stage
 from training.data import CLASSES, dvc_data_hash, load_split
@@ -168,8 +169,9 @@ def export(run: Path, out: Path, version: str | None = None, data_root: Path | N
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        torch.jit.script(eager).save(str(staging / "model.pt"))
-        scripted = torch.jit.load(str(staging / "model.pt"), map_location="cpu").eval()
+        with torchscript_quietly():
+            torch.jit.script(eager).save(str(staging / "model.pt"))
+            scripted = torch.jit.load(str(staging / "model.pt"), map_location="cpu").eval()
         test_logits = check_parity(eager, scripted, normalize(test.images, spec))
         val_logits = predict_logits(scripted, normalize(val.images, spec))
         accuracy = {

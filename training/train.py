@@ -233,8 +233,14 @@ TRAINER_ARGS = (
 def _trainer(
     cfg: DictConfig, run_dir: Path, callbacks: list[Callback], max_seconds: float | None = None
 ) -> L.Trainer:
+    settings = {name: cfg.trainer[name] for name in TRAINER_ARGS}
+    for limit in ("limit_train_batches", "limit_val_batches"):
+        # None is Lightning's "every batch" too; an explicit 1.0 has it log that it will use 100% of
+        # the batches, on every run, which tells the user nothing.
+        if settings[limit] == 1.0:
+            settings[limit] = None
     return L.Trainer(
-        **{name: cfg.trainer[name] for name in TRAINER_ARGS},
+        **settings,
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         callbacks=callbacks,
