@@ -47,7 +47,7 @@ import yaml
 from archive.variants import DEFAULT_VARIANT, MAX_ACCURACY_DROP, VariantError, build_variant
 from handler.meta import NAME_PATTERN, MetaError, ModelMeta
 from handler.preprocess import PreprocessSpec
-from handler.variants import EXPORTED_VARIANT, VARIANTS
+from handler.variants import EXPORTED_VARIANT, VARIANTS, torchscript_quietly
 from model.fingerprint import model_version, weights_digest
 from training.cli import DATA_DIR, EXIT_USAGE, EXPORT_DIR, MODEL_STORE, REPO_ROOT, StageError, run_stage
 
@@ -234,7 +234,8 @@ def build(
 
 def _check_model_output(model_file: Path, spec: PreprocessSpec, num_classes: int) -> torch.jit.ScriptModule:
     try:
-        model = torch.jit.load(str(model_file), map_location="cpu").eval()
+        with torchscript_quietly():
+            model = torch.jit.load(str(model_file), map_location="cpu").eval()
     except RuntimeError as exc:
         raise ArchiveError(
             f"{model_file} is not a TorchScript model ({exc}); {EXPORT_HINT}", exit_code=EXIT_USAGE
@@ -273,7 +274,8 @@ def _replacement_note(target: Path, export: Export, force: bool) -> str | None:
             manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
             old_version = str(manifest.get("modelVersion"))
             old_bytes = io.BytesIO(archive.read(manifest["serializedFile"]))
-            old_model = torch.jit.load(old_bytes, map_location="cpu")
+            with torchscript_quietly():
+                old_model = torch.jit.load(old_bytes, map_location="cpu")
             names = set(archive.namelist())
             old_meta = json.loads(archive.read("model_meta.json")) if "model_meta.json" in names else {}
         old_variant = VARIANTS.get(old_meta.get("variant") or EXPORTED_VARIANT)
