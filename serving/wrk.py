@@ -52,6 +52,12 @@ class WrkResult:
     def errors(self) -> int:
         return self.non_2xx + self.socket_errors
 
+    @property
+    def ok_rps(self) -> float:
+        """Answers below 400 per second: under overload a server that refuses fast (503 for a full
+        queue) shows a high `rps` that is mostly refusals."""
+        return self.rps * (self.requests - self.non_2xx) / self.requests if self.requests else 0.0
+
     def to_json(self) -> dict[str, float]:
         return asdict(self) | {"errors": self.errors}
 

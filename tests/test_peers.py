@@ -87,11 +87,17 @@ def test_multipart_upload_carries_the_image_bytes_unchanged() -> None:
     assert part.get_payload(decode=True) == image
 
 
-def test_sweep_grid_holds_batch_one_once_and_groups_points_by_server() -> None:
+def test_sweep_grid_holds_batch_one_once() -> None:
     grid = sweep.grid(
         workers=(1, 2), batch_sizes=(1, 8), delays_ms=(0, 5), torch_threads=(1, 2), netty_threads=(2,)
     )
     assert len(grid) == 2 * 2 * (1 + 2)  # threads x workers x (batch 1 at delay 0, batch 8 at 0 and 5 ms)
+    assert len(set(grid)) == len(grid)
     assert all(p.delay_ms == 0 for p in grid if p.batch_size == 1)
-    servers = [(p.torch_threads, p.netty_threads) for p in grid]
-    assert servers == sorted(servers), "points of one server must be adjacent: one start per server"
+
+
+def test_sweep_counts_only_answers_as_throughput() -> None:
+    """A server refusing most of an overload with a fast 503 must not look fast."""
+    overloaded = point(64, 10_000, 50.0, errors=80_000)  # 100,000 requests, 80% refused
+    assert overloaded.ok_rps == pytest.approx(2_000)
+    assert "2,000, " in sweep._cell(overloaded) and "80% refused" in sweep._cell(overloaded)

@@ -97,7 +97,7 @@ def test_real_run_sends_body_and_headers(url: str) -> None:
 
 def test_real_run_counts_refused_requests(url: str) -> None:
     result = wrk.run(url, {"Authorization": "Bearer wrong"}, BODY, connections=1, seconds=1)
-    assert result.requests > 0 and result.non_2xx == result.requests
+    assert result.requests > 0 and result.non_2xx == result.requests and result.ok_rps == 0
 
 
 def test_missing_wrk_names_the_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
