@@ -1,7 +1,7 @@
 """Sweep workers x batch size x max batch delay x torch threads x netty threads of the project's
 server at several client counts; write the table into docs/serving.md (serving/sweep.py says how).
 
-    python -m scripts.sweep_serving                              # the default grid, about 10 minutes
+    python -m scripts.sweep_serving                      # the default grid (32 points), about 12 minutes
     python -m scripts.sweep_serving --workers 1 --batch-sizes 8 --delays 0 1 2 5 --seconds 5
     python -m scripts.sweep_serving --clients 1 16 --seconds 2 --no-doc      # a quick look
 
