@@ -360,13 +360,12 @@ def plot(results: Results, figure: Path) -> None:
     fig, (rate, latency) = plt.subplots(1, 2, figsize=(9, 4))
     for run in results.runs:
         clients = [p.load.connections for p in run.points]
-        answered = [p.load.rps * (1 - p.load.errors / p.load.requests) for p in run.points]
         label = f"--cpus={run.cpus:g}"
-        rate.plot(clients, answered, marker="o", label=label)
+        rate.plot(clients, [p.load.ok_rps for p in run.points], marker="o", label=label)
         latency.plot(clients, [p.load.p99 for p in run.points], marker="o", label=label)
     latency.axhline(results.p99_ms, linestyle=":", color="red", linewidth=1, label=f"{results.p99_ms:g} ms")
     ticks = sorted({p.load.connections for run in results.runs for p in run.points})
-    for ax, name in ((rate, "answered without error (req/s)"), (latency, "p99 latency (ms)")):
+    for ax, name in ((rate, "answered, refusals left out (req/s)"), (latency, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(n) for n in ticks])
         ax.set_xlabel("keep-alive clients (wrk)")
