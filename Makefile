@@ -12,7 +12,7 @@ VARIANT ?=
 
 .PHONY: help setup setup-dev all repro tune data train export evaluate archive serve stop lint test \
 	test-fast image image-train bench-training bench-loading bench-precision bench-variants bench-serving \
-	bench-container bench-monitoring bench-peers sweep-serving soak clean rules monitor robustness \
+	bench-container bench-container-load bench-monitoring bench-peers sweep-serving soak clean rules monitor robustness \
 	drift-report profile-training profile-serving
 
 help:  ## list the targets
@@ -110,6 +110,9 @@ sweep-serving:  ## workers x batch x delay x threads at 1-64 clients, about 10 m
 
 bench-container:  ## image size and container cold start; writes docs/deploy.md
 	$(PY) -m scripts.bench_container
+
+bench-container-load:  ## req/s, p99, CPU per CPU limit -> pod CPU and HPA target (after make image); docs/deploy.md
+	$(PY) -m scripts.bench_container_load
 
 bench-monitoring:  ## throughput with model monitoring on vs off, and the drift calibration; docs/monitoring.md
 	$(PY) -m scripts.bench_monitoring

@@ -66,9 +66,11 @@ if [[ $mode == autopilot ]]; then
     create_cluster=(gcloud container clusters create-auto "$cluster" --location "$region" --project "$project"
         --release-channel stable)
 else
-    # One e2-standard-2 node per zone (three zones), two per zone at most: one replica fits a node.
+    # One e2-standard-4 node per zone (three zones), two per zone at most: a replica requests 1.75
+    # CPU (docs/deploy.md, "CPU: what one pod holds"), more than an e2-standard-2 leaves after the
+    # system pods, so each node takes one replica beside them, and a second during a rollout.
     create_cluster=(gcloud container clusters create "$cluster" --location "$region" --project "$project"
-        --release-channel stable --machine-type e2-standard-2 --num-nodes 1 --enable-autoscaling
+        --release-channel stable --machine-type e2-standard-4 --num-nodes 1 --enable-autoscaling
         --min-nodes 1 --max-nodes 2 --enable-dataplane-v2 --enable-managed-prometheus)
 fi
 ensure gcloud container clusters describe "$cluster" --location "$region" --project "$project" -- "${create_cluster[@]}"

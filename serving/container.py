@@ -15,6 +15,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from serving import MODEL_NAME
 from serving.server import InputError, ServeError
@@ -24,6 +27,8 @@ MEMORY_UNITS = {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}  # `docker stats` MemUsa
 UID = 10001  # the image's user (Dockerfile), and the pod's runAsUser
 # Writable directories of the serving image (Dockerfile): TorchServe's temp dir and its HOME.
 WRITABLE = ("/tmp", "/home/model-server")
+# Published ports on loopback: no proxy in between, whatever the environment says.
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def hardened_flags(memory: str = "1g", writable: tuple[str, ...] = WRITABLE) -> list[str]:
@@ -44,16 +49,16 @@ def require_image(image: str) -> None:
         raise InputError(f"image {image} not found; build it with scripts/build_image.sh")
 
 
-def predict_status(port: int, key: str, body: bytes) -> int:
-    """HTTP status of one prediction on the published inference port; 0 when nothing answered."""
+def predict_status(port: int, key: str, body: bytes, host: str = "127.0.0.1") -> int:
+    """HTTP status of one prediction on the inference port (published on the host's loopback, or
+    the container's own on its address); 0 when nothing answered."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/predictions/{MODEL_NAME}",
+        f"http://{host}:{port}/predictions/{MODEL_NAME}",
         data=body,
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"},
     )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
     try:
-        with opener.open(request, timeout=10) as resp:
+        with LOOPBACK.open(request, timeout=10) as resp:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -61,23 +66,48 @@ def predict_status(port: int, key: str, body: bytes) -> int:
         return 0
 
 
-def read_key(container: str) -> str:
-    """The inference key, read the documented way (`docker exec <c> cat key_file.json`), or ""
-    while TorchServe has not (completely) written the file."""
+def read_key(container: str, kind: str = "inference") -> str:
+    """The `kind` key ("inference", "management"), read the documented way (`docker exec <c> cat
+    key_file.json`), or "" while TorchServe has not (completely) written the file."""
     found = subprocess.run(["docker", "exec", container, "cat", "key_file.json"], capture_output=True)
     try:
-        return json.loads(found.stdout)["inference"]["key"]
+        return json.loads(found.stdout)[kind]["key"]
     except (ValueError, KeyError):
         return ""
 
 
-def first_prediction(container: str, port: int, body: bytes, timeout: float, what: str) -> str:
-    """Wait until the container answers a prediction of `body` with 200 on the published `port`;
-    return its inference key. ServeError naming `what` and `docker logs` after `timeout` s."""
+def describe(container: str, host: str, management_port: int = 8081) -> dict[str, Any]:
+    """The model as the container's management API describes it (version, batching, workers)."""
+    request = urllib.request.Request(
+        f"http://{host}:{management_port}/models/{MODEL_NAME}",
+        headers={"Authorization": f"Bearer {read_key(container, 'management')}"},
+    )
+    try:
+        with LOOPBACK.open(request, timeout=10) as resp:
+            return json.loads(resp.read())[0]
+    except (OSError, ValueError, IndexError) as err:
+        raise ServeError(f"describing {MODEL_NAME} in {container} failed: {err}") from None
+
+
+def cgroup_dir(container: str, templates: Sequence[str], what: str) -> Path:
+    """The first of `templates` (paths with `{id}`, one per cgroup version and driver) that exists
+    for `container`; ServeError when none does."""
+    for template in templates:
+        path = Path(template.format(id=container))
+        if path.is_dir():
+            return path
+    raise ServeError(f"no {what} cgroup of {container} under /sys/fs/cgroup; run on the Docker host")
+
+
+def first_prediction(
+    container: str, port: int, body: bytes, timeout: float, what: str, host: str = "127.0.0.1"
+) -> str:
+    """Wait until the container answers a prediction of `body` with 200 on `host`:`port`; return
+    its inference key. ServeError naming `what` and `docker logs` after `timeout` s."""
 
     def answered() -> str | None:
         key = read_key(container)
-        return key if key and predict_status(port, key, body) == 200 else None
+        return key if key and predict_status(port, key, body, host) == 200 else None
 
     try:
         return wait_for(answered, timeout, f"a prediction from {what}", interval=0.2)

@@ -33,10 +33,10 @@ import numpy as np
 import yaml
 
 from serving import MODEL_NAME, REPO
-from serving.container import docker, first_prediction, hardened_flags
+from serving.container import cgroup_dir, docker, first_prediction, hardened_flags
 from serving.images import encode
 from serving.loadgen import Sample, drive
-from serving.server import InputError, ServeError
+from serving.server import InputError
 from serving.tsconfig import override, parse_properties
 
 MANIFEST = REPO / "deploy" / "base" / "deployment.yaml"
@@ -53,14 +53,22 @@ CGROUP_DIRS = (
 )
 
 
-def pod_memory_limit(manifest: Path = MANIFEST) -> str:
-    """The torchserve container's memory limit in the Deployment (a Kubernetes quantity)."""
+def torchserve_container(manifest: Path = MANIFEST) -> dict[str, Any]:
+    """The Deployment's `torchserve` container, as the manifest declares it."""
     for doc in yaml.safe_load_all(manifest.read_text(encoding="utf-8")):
         if doc and doc.get("kind") == "Deployment":
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 if container["name"] == "torchserve":
-                    return container["resources"]["limits"]["memory"]
-    raise InputError(f"{manifest} has no Deployment container 'torchserve' with a memory limit")
+                    return container
+    raise InputError(f"{manifest} has no Deployment with a container named 'torchserve'")
+
+
+def pod_memory_limit(manifest: Path = MANIFEST) -> str:
+    """The torchserve container's memory limit in the Deployment (a Kubernetes quantity)."""
+    limit = torchserve_container(manifest).get("resources", {}).get("limits", {}).get("memory")
+    if limit is None:
+        raise InputError(f"{manifest}: the 'torchserve' container has no memory limit; set one")
+    return limit
 
 
 def docker_quantity(quantity: str) -> str:
@@ -99,10 +107,7 @@ class Cgroup:
     """Memory figures of one container's cgroup, v1 or v2, read from the host."""
 
     def __init__(self, container: str) -> None:
-        found = [Path(d.format(id=container)) for d in CGROUP_DIRS if Path(d.format(id=container)).is_dir()]
-        if not found:
-            raise ServeError(f"no memory cgroup of {container} under /sys/fs/cgroup; run on the Docker host")
-        self.dir = found[0]
+        self.dir = cgroup_dir(container, CGROUP_DIRS, "memory")
         self.v1 = (self.dir / "memory.usage_in_bytes").exists()
 
     def read(self, name: str) -> int:
