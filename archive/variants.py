@@ -46,7 +46,7 @@ from training.evaluate import predict_logits
 
 # THE DEFAULT VARIANT of `python -m archive.build` (and so of `make archive` and the DVC stage,
 # which pass no --variant). Chosen by `python -m scripts.bench_variants` (docs/serving.md).
-DEFAULT_VARIANT = "fp32"
+DEFAULT_VARIANT = "int8"
 # Largest accuracy loss, in points of test accuracy, a variant may have against the export.
 MAX_ACCURACY_DROP = 0.2
 CALIBRATION_IMAGES = 2048  # training images the int8 observers see

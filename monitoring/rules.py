@@ -1,6 +1,7 @@
-"""Generate the Prometheus recording and alerting rules from an exported model_meta.json.
+"""Generate the Prometheus recording and alerting rules from the served model's model_meta.json.
 
-    python -m monitoring.rules --meta artifacts/model/model_meta.json       # monitoring/prometheus/rules.yml
+    python -m monitoring.rules                                               # model_store/fashion_mnist.mar
+    python -m monitoring.rules --meta artifacts/model/model_meta.json       # an export's (fp32 archives)
     python -m monitoring.rules --gke deploy/overlays/gke/rules.yaml         # also the GMP Rules resource
     python -m monitoring.rules --window 30s --for 5s --out /tmp/r.yml       # short windows (tests)
 
@@ -18,6 +19,7 @@ import argparse
 import json
 import re
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,9 @@ import yaml
 from handler.monitor import CONFIDENCE, FEATURES, INPUT, PREDICTIONS, WORKER_STARTS
 
 REPO = Path(__file__).resolve().parent.parent
+# The pipeline's archive: its metadata names the version the server reports, which for a quantized
+# variant is the export's plus "-int8", so rules made from the export's metadata would match nothing.
+SERVED_META = REPO / "model_store" / "fashion_mnist.mar"
 DEFAULT_OUT = REPO / "monitoring" / "prometheus" / "rules.yml"
 MODEL = ("ModelName", "ModelVersion")
 BY_MODEL = "ModelName, ModelVersion"
@@ -371,15 +376,35 @@ def gmp_rules(rules: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def load_meta(path: Path) -> dict[str, Any]:
+    """A model_meta.json, or the one inside a .mar: the metadata of the model the server serves.
+
+    Raises FileNotFoundError, json.JSONDecodeError, or RulesError for a file that is no archive.
+    """
+    if path.suffix != ".mar":
+        return json.loads(path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("model_meta.json"))
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise RulesError(
+            f"{path} is not a model archive with a model_meta.json ({exc}); build it with "
+            "`python -m archive.build`"
+        ) from None
+
+
 def write(
     meta_file: Path, out: Path, windows: Windows, limits: Thresholds, job: str, gke: Path | None
 ) -> None:
     """Write the rules for `job`'s targets to `out`, and to `gke` as a GMP Rules resource."""
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        meta = load_meta(meta_file)
     except FileNotFoundError:
         raise RulesError(
-            f"{meta_file} not found; export a model first with `python -m training.export`"
+            f"{meta_file} not found; build the archive with `python -m archive.build` (or pass --meta "
+            "the served model's model_meta.json)"
         ) from None
     # The header names only the model version (derived from its weights), not when or from which
     # commit it was exported: retraining the same model rewrites byte-identical rules, so running the
@@ -402,7 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--meta", type=Path, default=REPO / "artifacts" / "model" / "model_meta.json")
+    parser.add_argument(
+        "--meta", type=Path, default=SERVED_META, help="the served .mar, or a model_meta.json of that model"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--gke", type=Path, help="also write the rules as a GMP Rules resource here")
     parser.add_argument("--job", default="torchserve", help="scrape job name of the TorchServe targets")
