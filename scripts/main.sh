@@ -27,7 +27,7 @@ t0=$SECONDS
 dvc repro
 # The archive's version: the default int8 variant serves as the export's version plus "-int8".
 mar=model_store/fashion_mnist.mar
-version=$($PY -c 'import sys; from monitoring.rules import load_meta; print(load_meta(sys.argv[1])["version"])' "$mar")
+version=$($PY -c 'import sys, pathlib, monitoring.rules as r; print(r.load_meta(pathlib.Path(sys.argv[1]))["version"])' "$mar")
 echo "pipeline done in $((SECONDS - t0)) s: fashion_mnist $version (reports/metrics.json, dvc metrics show)"
 
 step 3/6 "rules: this model's Prometheus drift rules"
