@@ -68,13 +68,17 @@ def nondeterministic_kernels() -> Iterator[None]:
     any process that trained first (a notebook, the tests) would have the quantized kernels, which
     have no deterministic version, raise. A worker never trains, so there it changes nothing.
     """
-    enabled = torch.are_deterministic_algorithms_enabled()
+    if not torch.are_deterministic_algorithms_enabled():
+        # The worker's case. torch.use_deterministic_algorithms imports torch._inductor on its first
+        # call, which added 1.5 s or more to every worker's first int8 answer here.
+        yield
+        return
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(False)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 class ServedModel(torch.nn.Module):

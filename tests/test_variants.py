@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -113,6 +115,20 @@ def test_int8_logits_are_not_on_an_8_bit_grid(int8_file: Path, test_inputs: torc
     assert logits.unique().numel() > 0.9 * logits.numel(), f"only {logits.unique().numel()} distinct logits"
     top2 = logits.topk(2, dim=1).values
     assert bool((top2[:, 0] > top2[:, 1]).all()), "two classes tie for the top"
+
+
+def test_int8_answers_without_importing_the_compiler(int8_file: Path) -> None:
+    """torch.use_deterministic_algorithms imports torch._inductor on first use, which made a worker's
+    first int8 answer take seconds; a worker (determinism off) must never call it."""
+    code = (
+        "import pathlib, sys, torch; from handler.variants import load_model; "
+        "load_model(pathlib.Path(sys.argv[1]), 'int8')(torch.zeros(1, 1, 28, 28)); "
+        "assert 'torch._inductor' not in sys.modules, 'torch._inductor was imported'"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-c", code, str(int8_file)]
+    done = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_parity_refuses_a_variant_that_loses_accuracy(
