@@ -7,7 +7,7 @@ EXPORT ?= artifacts/model
 TRAIN_ARGS ?=
 PEERS_VENV := .venv-peers
 PEERS_ARGS ?=
-# Empty: archive.build's default variant (archive/variants.py DEFAULT_VARIANT); e.g. make archive VARIANT=int8
+# Empty: archive.build's default variant (archive/variants.py DEFAULT_VARIANT); e.g. make archive VARIANT=fp32
 VARIANT ?=
 
 .PHONY: help setup setup-dev all repro tune data train export evaluate archive serve stop lint test \
@@ -53,8 +53,8 @@ serve:  ## start TorchServe (127.0.0.1) and register the archive through the man
 	$(PY) -m scripts.serve start --model-store model_store
 	$(PY) -m scripts.serve register
 
-rules:  ## regenerate the Prometheus rules (local + GKE overlay) from $(EXPORT)/model_meta.json
-	$(PY) -m monitoring.rules --meta $(EXPORT)/model_meta.json --gke deploy/overlays/gke/rules.yaml
+rules:  ## regenerate the Prometheus rules (local + GKE overlay) from the archive, model_store/fashion_mnist.mar
+	$(PY) -m monitoring.rules --meta model_store/fashion_mnist.mar --gke deploy/overlays/gke/rules.yaml
 
 monitor:  ## Prometheus :9090 + Alertmanager :9093 against the running local server (Ctrl-C stops)
 	$(PY) -m monitoring.stack
@@ -122,7 +122,7 @@ robustness:  ## accuracy and drift PSI under fixed shifts; reports/robustness.*,
 	$(PY) -m monitoring.robustness --model-dir $(EXPORT)
 
 drift-report:  ## HTML drift report of the local prediction log (LOG=FILE to change); reports/
-	$(PY) -m monitoring.drift_report --log $(or $(LOG),.serve/default/logs/predictions.log) --meta $(EXPORT)/model_meta.json
+	$(PY) -m monitoring.drift_report --log $(or $(LOG),.serve/default/logs/predictions.log) --meta model_store/fashion_mnist.mar
 
 profile-training:  ## torch.profiler over 30 training steps (TRAIN_ARGS overrides); reports/profile/
 	$(PY) -m training.profile $(TRAIN_ARGS)

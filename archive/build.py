@@ -1,8 +1,9 @@
 """Build model_store/<name>.mar from an export directory, and prove it answers before publishing it.
 
     python -m archive.build            # <repo>/artifacts/model -> <repo>/model_store/fashion_mnist.mar
+                                       # (int8, calibrated and checked on <repo>/data: --data)
     python -m archive.build --export-dir X --store Y --batch-size 8 --max-batch-delay 5 --max-workers 2
-    python -m archive.build --variant int8 --data data    # another variant (handler/variants.py)
+    python -m archive.build --variant fp32                 # another variant (handler/variants.py)
 
 1. Validate the export written by `python -m training.export`: model.pt, model_meta.json and
    index_to_name.json exist inside the export directory (symlinks resolved), the metadata loads as a

@@ -40,8 +40,11 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(probs: torch.Tensor, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
-    """One row of probabilities -> the k most likely classes, most likely first."""
-    values, indices = probs.topk(min(k, len(classes)))
+    """One row of probabilities -> the k most likely classes, most likely first; equal probabilities
+    in class order, so the first is always what argmax (offline evaluation) picks. topk orders ties
+    as its kernel happens to, which answered another class than argmax for tied int8 logits."""
+    values, indices = probs.sort(descending=True, stable=True)
+    values, indices = values[: min(k, len(classes))], indices[: min(k, len(classes))]
     return [
         {"label": classes[index], "index": index, "probability": value}
         for value, index in zip(values.tolist(), indices.tolist(), strict=True)

@@ -4,7 +4,7 @@
 name into the archive's model_meta.json (`variant`); the handler, offline evaluation and the
 variant benchmark all load it with `load_model`, so each runs exactly what the server runs:
 
-    >>> model = load_model(Path("model.pt"), "int8")      # jit.load -> freeze (-> optimize)
+    >>> model = load_model(Path("model.pt"), "int8")      # (pin engine ->) jit.load -> freeze (-> optimize)
     >>> model(batch)                                      # (N, C) logits
 
 Every file stays plain TorchScript saved *unfrozen* (other torch versions load it: the serving
@@ -46,7 +46,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("fp32-onednn-graph", "fp32, frozen, oneDNN Graph fusion", optimize=False, onednn_graph=True),
         Variant(
             "int8",
-            "x86 int8 post-training quantization (FX graph mode), traced TorchScript, frozen at load",
+            "x86 int8 post-training quantization (FX graph mode, output layer fp32), traced TorchScript, "
+            "frozen at load",
             optimize=False,
             quantized=True,
         ),
@@ -54,6 +55,9 @@ VARIANTS: dict[str, Variant] = {
 }
 # What training.export writes: the export itself is the fp32 variant.
 EXPORTED_VARIANT = "fp32"
+# The quantized engine int8 files are built and loaded with: x86 (fbgemm's kernels, and oneDNN's for
+# convolutions where the CPU has AVX-512 VNNI, which there beat fbgemm alone at batch 8).
+QUANTIZED_ENGINE = "x86"
 
 
 @contextmanager
@@ -64,13 +68,17 @@ def nondeterministic_kernels() -> Iterator[None]:
     any process that trained first (a notebook, the tests) would have the quantized kernels, which
     have no deterministic version, raise. A worker never trains, so there it changes nothing.
     """
-    enabled = torch.are_deterministic_algorithms_enabled()
+    if not torch.are_deterministic_algorithms_enabled():
+        # The worker's case. torch.use_deterministic_algorithms imports torch._inductor on its first
+        # call, which added 1.5 s or more to every worker's first int8 answer here.
+        yield
+        return
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(False)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 class ServedModel(torch.nn.Module):
@@ -109,10 +117,30 @@ def variant_named(name: str) -> Variant:
         raise ValueError(f"unknown model variant {name!r}; known: {', '.join(VARIANTS)}") from None
 
 
+def use_quantized_engine() -> None:
+    """Pin the process's quantized engine to QUANTIZED_ENGINE (process-wide, like the oneDNN switch).
+
+    A quantized file's weights are re-packed when it is loaded, by whichever engine the process has
+    then: the same int8 file loaded under fbgemm answers up to 0.4 logits away from it loaded under
+    x86. Pinning it here makes the worker, offline evaluation and the build's parity check run the
+    kernels the file was quantized and checked with, whatever the process's default.
+    """
+    try:
+        torch.backends.quantized.engine = QUANTIZED_ENGINE
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"this torch cannot run int8 models with the {QUANTIZED_ENGINE!r} quantized engine "
+            f"(it has {', '.join(torch.backends.quantized.supported_engines)}): serve the unquantized "
+            f"export, built with `python -m archive.build --variant {EXPORTED_VARIANT}` ({exc})"
+        ) from exc
+
+
 def load_model(path: Path, variant: str = EXPORTED_VARIANT) -> ServedModel:
     """An unfrozen TorchScript file -> the frozen, optimised model its variant serves."""
     settings = variant_named(variant)
     torch.jit.enable_onednn_fusion(settings.onednn_graph)
+    if settings.quantized:
+        use_quantized_engine()
     with torchscript_quietly():
         module = torch.jit.freeze(torch.jit.load(str(path), map_location="cpu").eval())
         if settings.optimize:

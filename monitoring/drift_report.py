@@ -33,10 +33,9 @@ from evidently import DataDefinition, Dataset, Report
 from evidently.presets import DataDriftPreset
 
 from handler.monitor import FEATURES, PREDICTION_PREFIX, MonitorSpec
-from monitoring.rules import RulesError, Thresholds, reference
+from monitoring.rules import SERVED_META, RulesError, Thresholds, load_meta, reference
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_META = REPO / "artifacts" / "model" / "model_meta.json"
 DEFAULT_OUT = REPO / "reports" / "drift_report.html"
 # The reference is rebuilt from histogram counts, scaled to this many rows: shares exact to 1e-4.
 REFERENCE_ROWS = 10_000
@@ -111,7 +110,7 @@ def read_log(path: Path, meta: Mapping[str, Any], window: Window) -> list[dict[s
         )
     if not records:
         found = ", ".join(f"{m} {v}" for m, v in sorted(versions))
-        raise LogError(f"{path} has predictions of {found}, none of {model}; pass that export's --meta")
+        raise LogError(f"{path} has predictions of {found}, none of {model}; pass that archive's --meta")
     records.sort(key=lambda r: r["time"])
     chosen = [
         r
@@ -211,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m monitoring.drift_report", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--log", type=Path, required=True, help="the prediction log (JSON lines)")
-    parser.add_argument("--meta", type=Path, default=DEFAULT_META, help="the export's model_meta.json")
+    parser.add_argument(
+        "--meta", type=Path, default=SERVED_META, help="the served .mar, or a model_meta.json of that model"
+    )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="HTML report; its .json goes next to it"
     )
@@ -223,12 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--last must be at least 1")
     limits = Thresholds()
     try:
-        meta = json.loads(args.meta.read_text(encoding="utf-8"))
+        meta = load_meta(args.meta)
         records = read_log(args.log, meta, Window(args.since, args.until, args.last))
         summary = compare(meta, records, args.out, limits)
     except FileNotFoundError:
         print(
-            f"error: {args.meta} not found; export a model (`python -m training.export`) or pass --meta",
+            f"error: {args.meta} not found; build the archive (`python -m archive.build`) or pass --meta",
             file=sys.stderr,
         )
         return 2

@@ -25,12 +25,14 @@ $PY -m training.params "$@"
 step 2/6 "pipeline: dvc repro (prepare -> train -> export -> evaluate -> archive)"
 t0=$SECONDS
 dvc repro
-version=$($PY -c 'import json; print(json.load(open("artifacts/model/model_meta.json"))["version"])')
+# The archive's version: the default int8 variant serves as the export's version plus "-int8".
+mar=model_store/fashion_mnist.mar
+version=$($PY -c 'import sys, pathlib, monitoring.rules as r; print(r.load_meta(pathlib.Path(sys.argv[1]))["version"])' "$mar")
 echo "pipeline done in $((SECONDS - t0)) s: fashion_mnist $version (reports/metrics.json, dvc metrics show)"
 
 step 3/6 "rules: this model's Prometheus drift rules"
-# The drift rules hold this model's training reference (docs/monitoring.md).
-$PY -m monitoring.rules --meta artifacts/model/model_meta.json --gke deploy/overlays/gke/rules.yaml
+# The drift rules hold this model's training reference and the version it is served as (docs/monitoring.md).
+$PY -m monitoring.rules --meta "$mar" --gke deploy/overlays/gke/rules.yaml
 
 step 4/6 "serve: TorchServe on 127.0.0.1 (token auth on)"
 if $PY -m scripts.serve status >/dev/null 2>&1; then
@@ -41,7 +43,7 @@ else
 fi
 
 step 5/6 "deploy: register $version through the management API (if new) and make it the default"
-$PY -m scripts.serve deploy model_store/fashion_mnist.mar
+$PY -m scripts.serve deploy "$mar"
 
 step 6/6 "predict: ten real test images through the inference REST API"
 $PY -m scripts.serve predict data/samples --top-k 1 --truth-from-name

@@ -1,7 +1,9 @@
 """archive.build: what goes into the .mar, what it refuses to build from, and its self-check.
 
 Builds run the real torch-model-archiver and the real self-check (TorchServe's worker code in a
-fresh interpreter), on a random-weights export, so each build takes a few seconds.
+fresh interpreter), on a random-weights export, so each build takes a few seconds. They archive the
+export itself (the fp32 variant): random weights have no accuracy for the default int8 variant to
+keep, and tests/test_variants.py builds the variants.
 
     python -m pytest tests/test_archive.py -q
 """
@@ -28,6 +30,7 @@ from archive.build import (
     require_inside,
     self_check,
 )
+from handler.variants import EXPORTED_VARIANT
 from tests.conftest import make_random_export
 from training.data import CLASSES
 
@@ -41,7 +44,7 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def built(export: Path, tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    return build(export, tmp_path_factory.mktemp("store"))
+    return build(export, tmp_path_factory.mktemp("store"), variant=EXPORTED_VARIANT)
 
 
 @pytest.fixture
@@ -111,7 +114,8 @@ def test_build_self_checks_the_archive(built):
 def test_cli_builds_with_serving_flags_and_reports_path_size_version(export, tmp_path, capsys):
     store = tmp_path / "store"
     flags = ["--batch-size", "4", "--max-batch-delay", "20", "--min-workers", "2", "--max-workers", "3"]
-    assert main(["--export-dir", str(export), "--store", str(store), "--name", "fm_canary", *flags]) == 0
+    argv = ["--export-dir", str(export), "--store", str(store), "--name", "fm_canary", "--variant", "fp32"]
+    assert main([*argv, *flags]) == 0
     mar = store / "fm_canary.mar"
     with zipfile.ZipFile(mar) as archive:
         config = yaml.safe_load(archive.read("model-config.yaml"))
@@ -138,13 +142,13 @@ def test_cli_builds_with_serving_flags_and_reports_path_size_version(export, tmp
 )
 def test_impossible_serving_flags_are_refused(export, tmp_path, flags, message):
     with pytest.raises(ArchiveError, match=message):
-        build(export, tmp_path / "store", config=flags)
+        build(export, tmp_path / "store", config=flags, variant=EXPORTED_VARIANT)
 
 
 @pytest.mark.parametrize("name", ["../outside", "fashion mnist", ".hidden", ""])
 def test_model_names_unsafe_in_urls_and_paths_are_refused(export, tmp_path, name):
     with pytest.raises(ArchiveError, match="must match"):
-        build(export, tmp_path / "store", name=name)
+        build(export, tmp_path / "store", name=name, variant=EXPORTED_VARIANT)
     assert not (tmp_path / "store").exists()
 
 
@@ -205,7 +209,7 @@ def test_broken_exports_are_refused_and_nothing_is_written(tmp_path, case):
     breaks(export)
     store = tmp_path / "store"
     with pytest.raises(ArchiveError, match=message):
-        build(export, store)
+        build(export, store, variant=EXPORTED_VARIANT)
     assert not store.exists() or not any(store.iterdir())
 
 
@@ -236,7 +240,7 @@ def test_failed_self_check_leaves_the_store_untouched(published, tmp_path):
     _write_meta(export, lambda m: m["preprocess"].update(resample="lanczos"))
     before = (published / "fashion_mnist.mar").read_bytes()
     with pytest.raises(ArchiveError, match="failed its self-check"):
-        build(export, published)
+        build(export, published, variant=EXPORTED_VARIANT)
     assert (published / "fashion_mnist.mar").read_bytes() == before
     assert sorted(path.name for path in published.iterdir()) == ["fashion_mnist.mar"]
 
@@ -261,7 +265,7 @@ def test_existing_archive_is_replaced_by_same_model_or_new_version(
     published, tmp_path, export_args, replaced
 ):
     export = make_random_export(tmp_path / "export", **export_args)
-    result = build(export, published)
+    result = build(export, published, variant=EXPORTED_VARIANT)
     assert result.replaced == replaced
     assert result.version == export_args.get("version", "1.0")
     assert sorted(path.name for path in published.iterdir()) == ["fashion_mnist.mar"]
@@ -271,9 +275,9 @@ def test_same_version_of_a_different_model_is_refused_unless_forced(published, t
     export = make_random_export(tmp_path / "export", seed=1)
     before = (published / "fashion_mnist.mar").read_bytes()
     with pytest.raises(ArchiveError, match="already holds version 1.0 of a different model"):
-        build(export, published)
+        build(export, published, variant=EXPORTED_VARIANT)
     assert (published / "fashion_mnist.mar").read_bytes() == before
-    assert build(export, published, force=True).replaced == "overwritten (--force)"
+    assert build(export, published, force=True, variant=EXPORTED_VARIANT).replaced == "overwritten (--force)"
     with zipfile.ZipFile(published / "fashion_mnist.mar") as mar:
         assert mar.read("model.pt") == (export / "model.pt").read_bytes()
 
@@ -285,7 +289,7 @@ def test_same_weights_in_different_bytes_count_as_the_same_model(published, tmp_
     torch.jit.save(scripted, str(export / "model.pt"), _extra_files={"rebuilt": "yes"})
     with zipfile.ZipFile(published / "fashion_mnist.mar") as mar:
         assert mar.read("model.pt") != (export / "model.pt").read_bytes()
-    assert build(export, published).replaced == "replaced version 1.0 (same model)"
+    assert build(export, published, variant=EXPORTED_VARIANT).replaced == "replaced version 1.0 (same model)"
 
 
 def test_unreadable_file_in_the_way_is_refused_unless_forced(export, tmp_path):
@@ -293,5 +297,5 @@ def test_unreadable_file_in_the_way_is_refused_unless_forced(export, tmp_path):
     store.mkdir()
     (store / "fashion_mnist.mar").write_text("not an archive")
     with pytest.raises(ArchiveError, match="not a readable model archive.*--force"):
-        build(export, store)
-    assert zipfile.is_zipfile(build(export, store, force=True).path)
+        build(export, store, variant=EXPORTED_VARIANT)
+    assert zipfile.is_zipfile(build(export, store, force=True, variant=EXPORTED_VARIANT).path)

@@ -132,12 +132,13 @@ def test_hardened_container_becomes_healthy(hardened: Container) -> None:
 
 
 @pytest.mark.container
-def test_predictions_match_the_exported_model(
-    hardened: Container, export_dir: Path, real_data_root: Path
+def test_predictions_match_offline_evaluation_of_the_archive(
+    hardened: Container, served_model_dir: Path, real_data_root: Path
 ) -> None:
+    """The image's torch (older than training's) answers like this one on the archive's own files."""
     split = load_split(real_data_root, "test")
     bodies = [png_bytes(image) for image in split.images[:24].numpy()]
-    offline = offline_probabilities(export_dir, bodies)
+    offline = offline_probabilities(served_model_dir, bodies)
     key = inference_key(hardened)
     for body, expected in zip(bodies, offline, strict=True):
         status, payload = predict(hardened, body, key)

@@ -29,7 +29,7 @@ from archive.selfcheck import Answer, WorkerRequest, predict
 from handler import fashion_handler
 from handler.fashion_handler import THREADS_ENV, configure_threads
 from handler.meta import MetaError
-from handler.postprocess import class_names
+from handler.postprocess import class_names, top_k
 from handler.preprocess import PreprocessSpec, preprocess
 from tests.conftest import load_handler, make_random_export
 from training.data import CLASSES
@@ -426,3 +426,13 @@ def test_initialize_refuses_a_model_that_disagrees_with_its_metadata(tmp_path, m
 def test_class_index_with_gaps_is_refused(index):
     with pytest.raises(ValueError, match="keys must be 0"):
         class_names(index)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_equal_probabilities_rank_in_class_order_as_argmax_picks(k):
+    """An int8 model's logits can tie: the served top-1 must still be the class offline evaluation's
+    argmax picks (torch.topk ranked these ties 9 before 0)."""
+    probs = torch.softmax(torch.tensor([2.0, 0, 0, 1, 0, 0, 1, 0, 0, 2]), dim=-1)
+    ranked = [p["index"] for p in top_k(probs, CLASSES, k)]
+    assert ranked == [0, 9, 3, 6, 1, 2, 4, 5, 7, 8][:k]
+    assert ranked[0] == int(probs.argmax())

@@ -106,11 +106,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, mar_file: Path) -> Iterator
 
 @pytest.fixture(scope="module")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, server: Instance, export_dir: Path, receiver: Receiver
+    tmp_path_factory: pytest.TempPathFactory, server: Instance, mar_file: Path, receiver: Receiver
 ) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("monitor")
     rules.write(
-        export_dir / "model_meta.json",
+        mar_file,  # the served version: an int8 archive's is the export's plus "-int8"
         work / "rules.yml",
         WINDOWS,
         rules.Thresholds(min_requests=MIN_REQUESTS),

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -333,3 +334,32 @@ def test_rules_cli_refuses_a_bad_window(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "meta.json").write_text(json.dumps(meta()))
     assert rules.main(["--meta", str(tmp_path / "meta.json"), "--window", "15 minutes"]) == 2
     assert "Prometheus duration" in capsys.readouterr().err
+
+
+def test_rules_from_an_archive_select_the_version_it_serves(tmp_path: Path) -> None:
+    """An int8 archive serves as the export's version plus "-int8": rules made from the export's
+    metadata would select series no server reports."""
+    mar = tmp_path / "fashion_mnist.mar"
+    with zipfile.ZipFile(mar, "w") as archive:
+        archive.writestr("model_meta.json", json.dumps({**meta(), "version": "1.0-int8"}))
+    assert rules.main(["--meta", str(mar), "--out", str(tmp_path / "r.yml")]) == 0
+    text = (tmp_path / "r.yml").read_text()
+    assert "ModelVersion: 1.0-int8" in text and "ModelVersion: '1.0'" not in text
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda mar: mar.write_text("not a zip"), "is not a model archive"),
+        (lambda mar: zipfile.ZipFile(mar, "w").close(), "is not a model archive"),
+        (lambda mar: None, "python -m archive.build"),
+    ],
+    ids=["not-a-zip", "no-metadata", "missing"],
+)
+def test_rules_cli_names_the_fix_for_a_bad_archive(
+    tmp_path: Path, capsys: pytest.CaptureFixture, write, message: str
+) -> None:
+    write(tmp_path / "fashion_mnist.mar")
+    assert rules.main(["--meta", str(tmp_path / "fashion_mnist.mar"), "--out", str(tmp_path / "r.yml")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.yml").exists()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from archive.build import build
+from handler.variants import EXPORTED_VARIANT
 from model import FashionCNN, model_version, weights_digest
 from serving.client import Client, RequestFailed, deploy
 from serving.server import ANY_PORTS, Instance, start, stop
@@ -71,12 +72,13 @@ def test_deploy_registers_beside_the_old_version_and_set_default_rolls_back(
     old, new = (derived_export(tmp_path / f"export{seed}", seed) for seed in (0, 1))
     # A short state dir: TorchServe's unix socket paths live under it (serving/server.py checks).
     instance = Instance("versions", tmp_path_factory.mktemp("serve"))
-    build(tmp_path / "export0", store)
+    build(tmp_path / "export0", store, variant=EXPORTED_VARIANT)  # random weights: no int8
     start(instance, store, ANY_PORTS)
     try:
         client = Client.for_instance(instance)
         assert deploy(client, store / "fashion_mnist.mar") == ("fashion_mnist", old, True)
-        build(tmp_path / "export1", store)  # the pipeline's archive now holds the retrained model
+        # The pipeline's archive now holds the retrained model.
+        build(tmp_path / "export1", store, variant=EXPORTED_VARIANT)
         assert deploy(client, store / "fashion_mnist.mar") == ("fashion_mnist", new, True)
         assert sorted(client.versions()) == sorted([old, new])
         assert client.default_version() == new, "the new version must be the default"
