@@ -105,7 +105,7 @@ $(PEERS_VENV)/.installed: requirements-peers.txt requirements.txt
 bench-peers: $(PEERS_VENV)/.installed  ## this server vs stock TorchServe, LitServe, in-process (after make all); docs/serving.md
 	$(PY) -m scripts.bench_peers $(PEERS_ARGS)
 
-sweep-serving:  ## workers x batch x delay x threads at 1-64 clients, about 10 min; writes docs/serving.md
+sweep-serving:  ## workers x batch x delay x threads at 1-64 clients, about 12 min; writes docs/serving.md
 	$(PY) -m scripts.sweep_serving
 
 bench-container:  ## image size and container cold start; writes docs/deploy.md

@@ -82,7 +82,8 @@ def eager_model(model_file: Path, meta: ModelMeta) -> torch.nn.Module:
     settings = inspect.signature(FashionCNN).parameters.keys() - {"in_channels", "num_classes", "image_size"}
     hyper = {k: v for k, v in arch.items() if k in settings}
     eager = FashionCNN(num_classes=len(meta.classes), image_size=meta.preprocess.height, **hyper)
-    scripted = torch.jit.load(str(model_file), map_location="cpu")
+    with torchscript_quietly():
+        scripted = torch.jit.load(str(model_file), map_location="cpu")
     try:
         eager.load_state_dict(scripted.state_dict())
     except RuntimeError as exc:

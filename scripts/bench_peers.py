@@ -2,11 +2,11 @@
 write the table, the goals and a plot into docs/serving.md (serving/peers.py says how each is run).
 
     make bench-peers                                      # creates .venv-peers first, then this
-    python -m scripts.bench_peers                         # artifacts/model, model_store, data/
+    python -m scripts.bench_peers                         # model_store/fashion_mnist.mar, data/
     python -m scripts.bench_peers --seconds 3 --clients 1 16 --peers project litserve --no-doc
 
-Needs what `make all` builds (the export in artifacts/model, model_store/fashion_mnist.mar, the
-processed test set for the PNG), `wrk` (`scripts/setup.sh --dev`) and, for the stock TorchServe and
+Needs what `make all` builds (model_store/fashion_mnist.mar, whose model file every server runs, and
+the processed test set for the PNG), `wrk` (`scripts/setup.sh --dev`) and, for the stock TorchServe and
 LitServe peers, the benchmark-only venv .venv-peers (requirements-peers.txt). Exit status: 2 for bad
 input (each message names the fix), 1 if a server or a request failed, else 0.
 """
@@ -28,7 +28,6 @@ from training.cli import DATA_DIR, MODEL_STORE
 
 DOC = REPO / "docs" / "serving.md"
 FIGURE = REPO / "docs" / "figures" / "peers.png"
-EXPORT = REPO / "artifacts" / "model"
 
 
 def config(text: str) -> peers.Config:
@@ -46,8 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.bench_peers", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--export-dir", type=Path, default=EXPORT, help="model.pt + model_meta.json")
-    parser.add_argument("--model-store", type=Path, default=MODEL_STORE, help="holds fashion_mnist.mar")
+    parser.add_argument(
+        "--model-store", type=Path, default=MODEL_STORE, help="holds fashion_mnist.mar: every server's model"
+    )
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="processed data (training.data --out)")
     parser.add_argument("--peer-python", type=Path, default=peers.PEER_PYTHON, help="the peer venv's python")
     parser.add_argument("--peers", nargs="+", choices=peers.PEERS, default=list(peers.PEERS))
@@ -69,7 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seconds <= 0 or args.warmup <= 0 or min(args.clients) < 1:
             raise InputError("--seconds and --warmup must be > 0 and every --clients >= 1")
         setup = peers.Setup(
-            export_dir=args.export_dir.resolve(),
             model_store=args.model_store.resolve(),
             body=b"",
             peer_python=args.peer_python,

@@ -1,9 +1,10 @@
 """The peer benchmark: this project's TorchServe against stock TorchServe, LitServe and the
-in-process limit, in one run, on the same exported model and the same PNG. The command line is
+in-process limit, in one run, on the same model file and the same PNG: the one inside the project's
+archive, i.e. the variant it serves (int8 by default). The command line is
 `python -m scripts.bench_peers` (`make bench-peers`, which first creates the peer venv).
 
     from serving import peers
-    setup = peers.Setup(export_dir, model_store, png, peer_python=peers.PEER_PYTHON)
+    setup = peers.Setup(model_store, png, peer_python=peers.PEER_PYTHON)
     results = peers.measure(setup, scratch)          # every server, config and client count
     peers.plot(results, figure); block = peers.render(results, command, figure_link)
 
@@ -11,9 +12,9 @@ The servers:
   * project   this project's archive as `make all` builds it, its own config, tokens on: first with
               the archive's defaults (the figures the goals judge), then with each of CONFIGS;
   * stock     TorchServe's stock ImageClassifier, changed only to take 28x28 grayscale input
-              (serving/peer_apps/stock_handler.py), in its own .mar with the same model.pt;
+              (serving/peer_apps/stock_handler.py), in its own .mar with the archive's model.pt;
               stock config.properties with tokens off, served from .venv-peers (it has captum);
-  * litserve  LitServe (requirements-peers.txt) with the same model.pt (serving/peer_apps/litserve_app.py);
+  * litserve  LitServe (requirements-peers.txt) with that model.pt (serving/peer_apps/litserve_app.py);
   * in-process  decode + preprocess + forward + top-5 in this process on one torch thread, with
               the project's own functions, at batch 1 and batch 8: what no server can beat.
 Every server point is `wrk --latency` (serving.wrk) with HTTP/1.1 keep-alive clients, after a
@@ -30,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import requests
 
+from handler.meta import ModelMeta
 from serving import MODEL_NAME, REPO, wrk
 from serving.bench import REGISTER_TIMEOUT_S, inference
 from serving.client import Client
@@ -71,6 +74,7 @@ LITSERVE_APP = APPS / "litserve_app.py"
 # to load on a busy machine (the stock handler imports captum; the default 120 s can run out).
 STOCK_CONFIG = "disable_token_authorization=true\nenable_model_api=true\ndefault_startup_timeout=600\n"
 PEERS = ("project", "stock", "litserve")
+SERVED_FILES = ("model.pt", "model_meta.json", "index_to_name.json")  # what the peers load
 PEER_MODULES = ("litserve", "captum", "ts", "torchvision", "multipart")  # what the peers import
 GOAL_RATIO = 2.5  # the issue's goal: the project's defaults serve 2.5x the best peer at 16 clients
 GOAL_P99_MS = 10.0
@@ -108,8 +112,7 @@ class Target:
 
 @dataclass
 class Setup:
-    export_dir: Path  # model.pt + model_meta.json (+ index_to_name.json), training.export's output
-    model_store: Path  # holds the project's fashion_mnist.mar (archive.build)
+    model_store: Path  # holds the project's fashion_mnist.mar (archive.build): every server's model
     body: bytes  # the PNG every request sends
     peer_python: Path = PEER_PYTHON
     clients: Sequence[int] = (1, 4, 16, 64)
@@ -125,6 +128,7 @@ class Results:
     machine: str
     setup: Setup
     versions: dict[str, str]
+    model: ModelMeta  # of the model file every server ran
     # points[peer][config label][clients]
     points: dict[str, dict[str, dict[int, WrkResult]]] = field(default_factory=dict)
     in_process: dict[int, float] = field(default_factory=dict)  # batch size -> images/s
@@ -135,16 +139,16 @@ def check(setup: Setup) -> None:
     """Every input the run needs, or InputError naming the fix, before any server starts."""
     if not {1, 16} <= set(setup.clients):
         raise InputError(f"--clients must include 1 and 16 (the goals' client counts), got {setup.clients}")
-    for name in ("model.pt", "model_meta.json", "index_to_name.json"):
-        if not (setup.export_dir / name).is_file():
-            raise InputError(
-                f"{setup.export_dir / name} not found: export the model with `make all` "
-                "(or `python -m training.export --run RUN --out artifacts/model`)"
-            )
-    if "project" in setup.peers and not (setup.model_store / f"{MODEL_NAME}.mar").is_file():
-        raise InputError(
-            f"{setup.model_store / MODEL_NAME}.mar not found: build it with `make all` (or `make archive`)"
-        )
+    mar = setup.model_store / f"{MODEL_NAME}.mar"
+    if not mar.is_file():
+        raise InputError(f"{mar} not found: build it with `make all` (or `make archive`)")
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            missing = sorted(set(SERVED_FILES) - set(archive.namelist()))
+    except zipfile.BadZipFile:
+        missing = ["everything: it is not a zip file"]
+    if missing:
+        raise InputError(f"{mar} lacks {', '.join(missing)}: rebuild it with `make archive`")
     wrk.executable()
     if {"stock", "litserve"} & set(setup.peers):
         if not setup.peer_python.is_file():
@@ -178,15 +182,29 @@ def versions(peer_python: Path | None) -> dict[str, str]:
     return found
 
 
+def served_model(store: Path, out: Path) -> Path:
+    """Unpack the model files of the project's archive (checked by `check`) into `out`: the variant
+    the project serves, so that the peers and the in-process limit run the very file it runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(store / f"{MODEL_NAME}.mar") as archive:
+        for name in SERVED_FILES:
+            (out / name).write_bytes(archive.read(name))
+    return out
+
+
 def measure(setup: Setup, scratch: Path, log: Callable[[str], None] = print) -> Results:
     """Every selected server under every config and client count, then the in-process limit."""
+    model_dir = served_model(setup.model_store, scratch / "served-model")
     results = Results(
-        machine(), setup, versions(setup.peer_python if set(setup.peers) - {"project"} else None)
+        machine(),
+        setup,
+        versions(setup.peer_python if set(setup.peers) - {"project"} else None),
+        ModelMeta.load(model_dir),
     )
     servers = {"project": project_targets, "stock": stock_targets, "litserve": litserve_targets}
     for peer in setup.peers:
         results.points[peer] = {}
-        for label, target in servers[peer](setup, scratch):
+        for label, target in servers[peer](setup, model_dir, scratch):
             wrk.run(target.url, target.headers, target.body, max(setup.clients), setup.warmup_s)
             points = {
                 clients: wrk.run(target.url, target.headers, target.body, clients, setup.seconds)
@@ -194,7 +212,7 @@ def measure(setup: Setup, scratch: Path, log: Callable[[str], None] = print) -> 
             }
             results.points[peer][label] = points
             log(f"{peer}, {label}: " + "; ".join(_short(r) for r in points.values()))
-    results.in_process = in_process(setup.export_dir, setup.body, setup.in_process_s)
+    results.in_process = in_process(model_dir, setup.body, setup.in_process_s)
     log(f"in-process: {results.in_process}")
     results.load_at_end = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return results
@@ -205,7 +223,7 @@ def _short(r: WrkResult) -> str:
     return f"{r.connections} clients {r.rps:.0f} req/s p99 {r.p99:.1f} ms{errors}"
 
 
-def project_targets(setup: Setup, scratch: Path) -> Iterator[tuple[str, Target]]:
+def project_targets(setup: Setup, _model_dir: Path, scratch: Path) -> Iterator[tuple[str, Target]]:
     """This project's server, tokens on: the archive's defaults, then each config."""
     instance = Instance("peers-project", scratch)
     start(instance, setup.model_store, ANY_PORTS)
@@ -230,14 +248,14 @@ def project_targets(setup: Setup, scratch: Path) -> Iterator[tuple[str, Target]]
         stop(instance)
 
 
-def build_stock_archive(export_dir: Path, store: Path) -> Path:
+def build_stock_archive(model_dir: Path, store: Path) -> Path:
     """The stock handler's .mar (model name fashion_mnist) from the exported model, in `store`."""
     store.mkdir(parents=True, exist_ok=True)
     archiver = Path(sys.executable).with_name("torch-model-archiver")
-    extra = ",".join(str(export_dir / name) for name in ("model_meta.json", "index_to_name.json"))
+    extra = ",".join(str(model_dir / name) for name in ("model_meta.json", "index_to_name.json"))
     command = [
         str(archiver), "--model-name", MODEL_NAME, "--version", "1.0",
-        "--serialized-file", str(export_dir / "model.pt"), "--handler", str(STOCK_HANDLER),
+        "--serialized-file", str(model_dir / "model.pt"), "--handler", str(STOCK_HANDLER),
         "--extra-files", extra, "--export-path", str(store), "--force",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
@@ -246,10 +264,10 @@ def build_stock_archive(export_dir: Path, store: Path) -> Path:
     return store / f"{MODEL_NAME}.mar"
 
 
-def stock_targets(setup: Setup, scratch: Path) -> Iterator[tuple[str, Target]]:
+def stock_targets(setup: Setup, model_dir: Path, scratch: Path) -> Iterator[tuple[str, Target]]:
     """Stock TorchServe from the peer venv with the stock handler, tokens off: each config."""
     store = scratch / "stock-store"
-    build_stock_archive(setup.export_dir, store)
+    build_stock_archive(model_dir, store)
     instance = Instance("peers-stock", scratch)
     start(instance, store, ANY_PORTS, config=STOCK_CONFIG, python=str(setup.peer_python))
     try:
@@ -283,11 +301,11 @@ def multipart(body: bytes, field_name: str = "request", filename: str = "image.p
 
 
 @contextmanager
-def litserve_server(setup: Setup, config: Config, scratch: Path) -> Iterator[str]:
+def litserve_server(setup: Setup, model_dir: Path, config: Config, scratch: Path) -> Iterator[str]:
     """A LitServe app on a free loopback port for `config`; yields its base URL, always stops it."""
     port = free_ports(1)[0]
     command = [
-        str(setup.peer_python), str(LITSERVE_APP), "--model-dir", str(setup.export_dir),
+        str(setup.peer_python), str(LITSERVE_APP), "--model-dir", str(model_dir),
         "--port", str(port), "--workers", str(config.workers), "--max-batch-size", str(config.batch_size),
         "--batch-timeout-ms", str(config.max_batch_delay_ms),
     ]  # fmt: skip
@@ -329,28 +347,27 @@ def _stop_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     proc.wait()
 
 
-def litserve_targets(setup: Setup, scratch: Path) -> Iterator[tuple[str, Target]]:
+def litserve_targets(setup: Setup, model_dir: Path, scratch: Path) -> Iterator[tuple[str, Target]]:
     """LitServe from the peer venv, one fresh server per config (its settings are fixed at start)."""
     payload, content_type = multipart(setup.body)
     for config in setup.configs:
-        with litserve_server(setup, config, scratch) as base:
+        with litserve_server(setup, model_dir, config, scratch) as base:
             yield config.label, Target(f"{base}/predict", {"Content-Type": content_type}, payload)
 
 
 def in_process(
-    export_dir: Path, body: bytes, seconds: float, batch_sizes: Sequence[int] = (1, 8)
+    model_dir: Path, body: bytes, seconds: float, batch_sizes: Sequence[int] = (1, 8)
 ) -> dict[int, float]:
     """Images/s of decode + preprocess + forward + top-5 in this process on one torch thread, with
     the handler's own functions and model loading: the ceiling for any server on one core."""
     import torch
 
     from handler.fashion_handler import load_model
-    from handler.meta import ModelMeta
     from handler.postprocess import probabilities, top_k
     from handler.preprocess import preprocess
 
-    meta = ModelMeta.load(export_dir)
-    model = load_model(export_dir / "model.pt")
+    meta = ModelMeta.load(model_dir)
+    model = load_model(model_dir / "model.pt", meta.variant)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rates = {}
@@ -481,7 +498,8 @@ def render(results: Results, command: str, figure: str | None) -> str:
     plot_line = f"\n![p99 latency against throughput, per server]({figure})\n" if figure else ""
     return f"""Measured on {time.strftime("%Y-%m-%d")} with `{command}` (`make bench-peers`)
 on {results.machine}; at the end {results.load_at_end}. Versions: {versions}.
-Model: `{setup.export_dir.name}/model.pt` for every server; every request sends the same 28x28 PNG.
+Model: the archive's `model.pt` ({results.model.version}, variant {results.model.variant}) for every server
+and the in-process limit; every request sends the same 28x28 PNG.
 Each point: `wrk --latency`, HTTP/1.1 keep-alive, {setup.seconds:g} s after a {setup.warmup_s:g} s warm-up.
 The project's server runs its own config with tokens on; stock TorchServe (stock config, the stock
 handler's transforms set to 28x28 grayscale) and LitServe run with tokens off and torch's default

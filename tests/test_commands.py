@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from serving import REPO
+from serving import REPO, peers
 
 
 @pytest.mark.parametrize(
@@ -46,29 +47,26 @@ def test_bad_input_exits_2_and_names_the_fix(tmp_path: Path, command: list[str],
 
 
 def made(tmp_path: Path) -> None:
-    """Files where `make all` leaves them (empty: the commands below stop before reading them)."""
-    for name in (
-        "export/model.pt",
-        "export/model_meta.json",
-        "export/index_to_name.json",
-        "store/fashion_mnist.mar",
-    ):
+    """Files where `make all` leaves them (empty: the commands below stop before reading them), and
+    under bad/ an archive that is no zip file."""
+    exported = ("export/model.pt", "export/model_meta.json", "export/index_to_name.json")
+    for name in (*exported, "bad/fashion_mnist.mar"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
+    (tmp_path / "store").mkdir()
+    with zipfile.ZipFile(tmp_path / "store" / "fashion_mnist.mar", "w") as archive:
+        for name in peers.SERVED_FILES:
+            archive.writestr(name, b"")
 
 
-PEERS = ["scripts.bench_peers", "--export-dir", "{tmp}/export", "--model-store", "{tmp}/store"]
+PEERS = ["scripts.bench_peers", "--model-store", "{tmp}/store"]
 
 
 @pytest.mark.parametrize(
     ("command", "no_wrk", "message"),
     [
-        (["scripts.bench_peers", "--export-dir", "{tmp}"], False, "model.pt not found: export the model"),
-        (
-            [*PEERS[:3], "--model-store", "{tmp}"],
-            False,
-            "fashion_mnist.mar not found: build it with `make all`",
-        ),
+        (["scripts.bench_peers", "--model-store", "{tmp}"], False, "fashion_mnist.mar not found: build it"),
+        (["scripts.bench_peers", "--model-store", "{tmp}/bad"], False, "not a zip file: rebuild it with"),
         ([*PEERS, "--clients", "1", "4"], False, "--clients must include 1 and 16"),
         ([*PEERS, "--configs", "2x8"], False, "is not WORKERS:BATCH:DELAY_MS"),
         (PEERS, True, "wrk not found on PATH: install it with `apt-get install wrk`"),
@@ -79,8 +77,8 @@ PEERS = ["scripts.bench_peers", "--export-dir", "{tmp}/export", "--model-store",
         (["scripts.sweep_serving", "--delays", "-1"], False, "must be >= 0"),
     ],
     ids=[
-        "peers-no-export",
         "peers-no-archive",
+        "peers-not-an-archive",
         "peers-no-16",
         "peers-bad-config",
         "peers-no-wrk",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from handler.meta import ModelMeta
 from serving import peers, sweep
 from serving.wrk import WrkResult
 
@@ -22,8 +23,9 @@ def point(clients: int, rps: float, p99: float, errors: int = 0) -> WrkResult:
 
 
 def results(project_16: float, project_p99_16: float, project_p99_1: float) -> peers.Results:
-    setup = peers.Setup(Path("export"), Path("store"), b"png", clients=(1, 16))
-    found = peers.Results("a machine", setup, {"torch": "x"})
+    setup = peers.Setup(Path("store"), b"png", clients=(1, 16))
+    model = ModelMeta("v1-int8", ["a", "b"], variant="int8")
+    found = peers.Results("a machine", setup, {"torch": "x"}, model)
     found.points = {
         "project": {
             f"{peers.DEFAULTS} (1 worker, batch 8, 5 ms)": {
