@@ -36,6 +36,7 @@ from handler.variants import (
     QUANTIZED_ENGINE,
     load_model,
     nondeterministic_kernels,
+    torchscript_quietly,
     use_quantized_engine,
     variant_named,
 )
