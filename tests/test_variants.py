@@ -30,8 +30,9 @@ from training.data import load_split
 from training.evaluate import load_exported, predict_logits, preprocess_images
 
 PARITY_IMAGES = 48  # through the handler, against offline evaluation
-# The briefly trained fixture loses about 0.3 points in int8 (a fully trained model less): these tests
-# check how variants are built and served; the bound itself is tested on its own below.
+# A briefly trained fixture's int8 accuracy moves further from fp32 than a fully trained model's
+# (measured: -0.07 points with the fp32 output layer; -0.3 before it): these tests check how variants
+# are built and served, with room to spare; the bound itself is tested on its own below.
 LENIENT_DROP = 1.0
 
 
