@@ -73,9 +73,17 @@ lint: export PRE_COMMIT_HOME ?= $(CURDIR)/.cache/pre-commit
 lint:  ## every pre-commit hook over the whole tree (ruff, shellcheck, hadolint, manifests, workflows...)
 	$(PY) -m pre_commit run --all-files --show-diff-on-failure
 
-test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage
+# make test's suite runs in two phases (docs/ci.md#the-test-suite-in-two-phases). Most tests wait on JVMs,
+# containers and Prometheus, so they run on $(TEST_WORKERS) pytest-xdist workers (tests/conftest.py keeps
+# a module, and all Docker tests, on one worker); then the `solo` tests, whose timing or rates a shared
+# machine would move, run alone. Coverage is combined: the floor and coverage.xml are those of both.
+TEST_WORKERS ?= 3
+COV := --cov=model --cov=training
+
+test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage (parallel, then solo)
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest --durations=25 --cov=model --cov=training --cov-report=term-missing --cov-report=xml \
+	$(PY) -m pytest -m "not solo" -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(COV) --cov-report=
+	$(PY) -m pytest -m solo --durations=25 $(COV) --cov-append --cov-report=term-missing --cov-report=xml \
 		--cov-fail-under=85
 
 test-fast:  ## unit tests only (no JVM, no docker), for quick iteration

@@ -38,6 +38,18 @@ from training.train import CONFIG_DIR
 register_configs()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Work units for `make test`'s parallel phase (pytest-xdist, `--dist loadgroup`).
+
+    A module's tests stay on one worker, so its module-scoped servers start once. Every Docker test
+    runs on one worker: they share image tags (tests/containers.build_image builds each once per
+    process), and two workers would build the same tag at once, each with its own archive.
+    """
+    for item in items:
+        group = "docker" if item.get_closest_marker("container") else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def make_random_export(
     directory: Path,
     *,

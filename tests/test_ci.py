@@ -251,6 +251,20 @@ def test_ci_caches_pip_and_uploads_coverage() -> None:
     assert "--cov-report=xml" in makefile, "the workflow uploads coverage.xml: make test must write it"
 
 
+def test_make_test_runs_the_parallel_then_the_solo_tests_with_one_coverage() -> None:
+    """docs/ci.md: the parallel phase, then the `solo` tests; the second appends to the first's
+    coverage, so the floor, the report and coverage.xml are those of the whole suite."""
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    recipe = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
+    parallel, solo = [line.split() for line in recipe.splitlines() if " -m pytest " in line]
+    assert parallel[3:7] == ["-m", '"not', 'solo"', "-n"] and "--dist" in parallel, parallel
+    assert solo[3:5] == ["-m", "solo"] and "-n" not in solo, solo
+    for phase in (parallel, solo):
+        assert {"--durations=25", "$(COV)"} <= set(phase), phase
+    assert {"--cov-append", "--cov-report=xml", "--cov-fail-under=85"} <= set(solo), solo
+    assert not {"--cov-append", "--cov-report=xml"} & set(parallel) and "--cov-report=" in parallel
+
+
 def test_release_authenticates_by_workload_identity_federation() -> None:
     flow = load("release.yml")
     assert flow["permissions"]["id-token"] == "write"

@@ -173,6 +173,7 @@ def test_logs_go_to_stdout_not_files(hardened: Container) -> None:
 
 
 @pytest.mark.container
+@pytest.mark.solo  # the stop must finish inside the 10 s grace period
 def test_docker_stop_exits_zero_within_the_grace_period(image: str) -> None:
     container = Container.run(image, flags=[*hardened_flags(), *PUBLISH])
     try:

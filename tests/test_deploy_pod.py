@@ -21,6 +21,9 @@ from serving.waiting import wait_for
 from tests.containers import Pod, build_image, http
 
 IMAGE = "fashion-mnist-serve:test"
+# solo: each probe runs once against its timeoutSeconds, and the deletion must drain inside the grace
+# period; on a machine shared with other tests both would measure the load, not the manifests.
+pytestmark = pytest.mark.solo
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,7 @@ def predicts_like_offline(client: Client, archive: RandomArchive) -> bool:
 
 
 @pytest.mark.serving
+@pytest.mark.solo  # "at most one batch fails" holds for the load it drives, not on a shared machine
 def test_worker_killed_under_load_is_restarted_and_only_its_batch_fails(
     server: Instance, client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -281,6 +282,7 @@ CONNECTION_ERRORS = {
 
 
 @pytest.mark.container
+@pytest.mark.solo  # 16 clients' latencies and the exit must stay inside the 10 s grace period
 def test_docker_stop_drains_the_requests_in_flight(
     archive: RandomArchive, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -43,7 +43,8 @@ from serving.server import (
 from serving.waiting import wait_for
 from training.data import load_split
 
-pytestmark = pytest.mark.serving
+# solo: the alerts must fire (or stay silent) within windows of seconds, on a 1 s scrape and evaluation.
+pytestmark = [pytest.mark.serving, pytest.mark.solo]
 WINDOWS = rules.Windows(drift="40s", rate="10s", hold="2s", target_down="2s", grace="15s", interval="1s")
 MIN_REQUESTS = 150
 IMAGES = 300

@@ -24,6 +24,7 @@ MAX_RSS_GROWTH_PCT = 10.0
 
 @pytest.mark.serving
 @pytest.mark.slow
+@pytest.mark.solo  # asserts the achieved rate and flat memory: other tests' load would move both
 def test_thirty_second_soak_has_no_errors_and_flat_memory(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
