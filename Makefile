@@ -82,7 +82,7 @@ COV := --cov=model --cov=training
 
 test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage (parallel, then solo)
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest -m "not solo" -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(COV) --cov-report=
+	$(PY) -m pytest -m "not solo" -n $(TEST_WORKERS) --dist loadscope --durations=25 $(COV) --cov-report=
 	$(PY) -m pytest -m solo --durations=25 $(COV) --cov-append --cov-report=term-missing --cov-report=xml \
 		--cov-fail-under=85
 

@@ -38,16 +38,30 @@ from training.train import CONFIG_DIR
 register_configs()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Work units for `make test`'s parallel phase (pytest-xdist, `--dist loadgroup`).
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadscope` for `make test`'s parallel phase, with every Docker module in one scope.
 
-    A module's tests stay on one worker, so its module-scoped servers start once. Every Docker test
-    runs on one worker: they share image tags (tests/containers.build_image builds each once per
-    process), and two workers would build the same tag at once, each with its own archive.
+    A module's tests stay on one worker, so its module-scoped servers start once. The modules with a
+    `container` test share image tags (tests/containers.build_image builds each once per process),
+    so they run on one worker: two workers would build the same tag at once, each with its own
+    archive. (xdist's own xdist_group marker does nothing under pytest 9: it rewrites a node id
+    that pytest 9 no longer reads.)
     """
-    for item in items:
-        group = "docker" if item.get_closest_marker("container") else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    tests = Path(__file__).resolve().parent
+    docker = {
+        f"tests/{path.name}" for path in tests.glob("test_*.py") if "mark.container" in path.read_text()
+    }
+
+    class DockerTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "docker" if module in docker else module
+
+    return DockerTogether(config, log)
 
 
 def make_random_export(
