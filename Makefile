@@ -75,8 +75,8 @@ lint:  ## every pre-commit hook over the whole tree (ruff, shellcheck, hadolint,
 
 # make test's suite runs in two phases (docs/ci.md#the-test-suite-in-two-phases). Most tests wait on JVMs,
 # containers and Prometheus, so they run on $(TEST_WORKERS) pytest-xdist workers (tests/conftest.py keeps
-# a module, and all Docker tests, on one worker); then the `solo` tests, whose timing or rates a shared
-# machine would move, run alone. Coverage is combined: the floor and coverage.xml are those of both.
+# each module on one worker, and the modules with Docker tests together); then the `solo` tests, whose
+# timing or rates a shared machine would move, run alone. Coverage is combined: the floor and coverage.xml are those of both.
 TEST_WORKERS ?= 3
 COV := --cov=model --cov=training
 
