@@ -494,7 +494,8 @@ def render_live(result: dict[str, Any]) -> str:
     return f"""# Live worker profile (py-spy)
 
 `{command(PROG.split(), sys.argv[1:])}` on {time.strftime("%Y-%m-%d %H:%M")}, {machine()}.
-One worker, batch size {settings["batchSize"]}, max batch delay {settings["maxBatchDelay"]} ms;
+{settings["workers"]} worker(s), py-spy on the first; batch size {settings["batchSize"]},
+max batch delay {settings["maxBatchDelay"]} ms;
 {result["clients"]} closed-loop keep-alive clients (serving.loadgen) for the {result["seconds"]:g} s of the
 recording: {result["requests"]:,} requests, {result["rps"]:.0f} req/s, p50 {result["p50_ms"]:.1f} ms,
 p99 {result["p99_ms"]:.1f} ms, statuses {result["statuses"]} (py-spy samples without stopping the worker).

@@ -14,7 +14,7 @@ Every grid point is the project's archive on its own local config (tokens on) wi
 Every point gets a fresh server (threads need one anyway, and see `_servers`). Each point is
 `wrk --latency` (serving.wrk) at each client count after a warm-up. A batch size of 1 never waits,
 so it is swept with delay 0 only; batch > 1 with delay 0 or 1 ms are the settings that keep a lone
-request from waiting out the whole delay, measured next to the archive's 5 ms.
+request from waiting out the whole delay, measured next to 5 ms.
 """
 
 from __future__ import annotations

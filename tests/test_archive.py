@@ -95,10 +95,10 @@ def test_default_model_config_suits_a_two_core_host(built):
     with zipfile.ZipFile(built.path) as mar:
         config = yaml.safe_load(mar.read("model-config.yaml"))
     assert config == {
-        "minWorkers": 1,
+        "minWorkers": 2,
         "maxWorkers": 2,
         "batchSize": 8,
-        "maxBatchDelay": 5,
+        "maxBatchDelay": 2,
         "responseTimeout": 30,
         "startupTimeout": 120,
         "deviceType": "cpu",
