@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -25,10 +24,10 @@ import numpy as np
 import psutil
 
 from serving import REPO
-from serving.container import cold_start, compressed_size, docker, hardened_flags
+from serving.container import cold_start, compressed_size, docker, hardened_flags, require_image
 from serving.docblock import command, machine, write_block
 from serving.images import encode
-from serving.server import InputError, ServeError, exit_status
+from serving.server import ServeError, exit_status
 
 DOC = REPO / "docs" / "deploy.md"
 
@@ -44,8 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [".venv/bin/python", "-m", "scripts.bench_container"], argv if argv is not None else sys.argv[1:]
     )
     try:
-        if subprocess.run(["docker", "image", "inspect", args.image], capture_output=True).returncode:
-            raise InputError(f"image {args.image} not found; build it with scripts/build_image.sh")
+        require_image(args.image)
         size = int(docker("image", "inspect", "--format", "{{.Size}}", args.image))
         packed = compressed_size(args.image)
         body = encode(np.zeros((28, 28), np.uint8))  # cold start does not depend on the picture
