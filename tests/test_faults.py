@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from archive.build import ServingConfig
 from serving import MODEL_NAME as MODEL
 from serving import REPO
 from serving.client import Client, RequestFailed
@@ -54,7 +55,9 @@ BODIES = noise_pngs(32)
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> RandomArchive:
-    return random_archive(tmp_path_factory)
+    # One worker (the archive's default is two): a kill then takes out the only one, so the failed
+    # batch, the restart and the gap in service are each observable and countable.
+    return random_archive(tmp_path_factory, ServingConfig(min_workers=1, max_workers=1))
 
 
 @pytest.fixture(scope="module")

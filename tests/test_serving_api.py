@@ -420,7 +420,11 @@ def test_bad_input_is_logged_as_one_line_without_a_traceback(server: Instance, m
             model.predict(body)
         assert refused.value.status in (400, 413)
     wait_for(lambda: server.log_file.read_text().count("rejected: 4") >= 4, 10, "4 rejections in the log")
-    log = server.log_file.read_text()
+    # The model's workers' lines only (thread W-<port>-...; every line of a worker's output carries it):
+    # TorchServe's own system-metrics collector can log a BrokenPipe traceback of its own on a busy
+    # host, which says nothing about how input is handled.
+    log = "\n".join(line for line in server.log_file.read_text().splitlines() if re.search(r"\[W-\d+-", line))
+    assert "rejected: 4" in log
     assert "Traceback" not in log and "Invoking custom service failed" not in log
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from archive.build import ServingConfig
 from serving import MODEL_NAME as MODEL
 from serving import REPO
 from serving.client import Client
@@ -83,7 +84,9 @@ def image(tmp_path: Path) -> Path:
 def test_status_reports_health_and_workers(model: Instance) -> None:
     done = serve_cli(*on(model, "status"))
     assert done.returncode == 0, done.stderr
-    assert "Healthy" in done.stdout and f"{MODEL} " in done.stdout and "1/1 workers ready" in done.stdout
+    workers = ServingConfig().min_workers  # the archive's default
+    assert "Healthy" in done.stdout and f"{MODEL} " in done.stdout
+    assert f"{workers}/{workers} workers ready" in done.stdout
     assert "(default)" in done.stdout, "status must mark the version /predictions serves"
 
 
