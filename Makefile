@@ -80,16 +80,15 @@ lint:  ## every pre-commit hook over the whole tree (ruff, shellcheck, hadolint,
 TEST_WORKERS ?= 3
 COV := --cov=model --cov=training
 
-# A short base temp dir of its own per run: xdist adds popen-gwN/ to pytest's default one, and a server's
-# state dir under it would pass the length TorchServe's unix sockets allow. Kept when a test fails.
+# Each phase gets a short base temp dir of its own (removed when it passes): xdist adds popen-gwN/ to
+# pytest's default one, and a server's state dir under that would pass the 80 characters TorchServe's
+# unix sockets allow.
 test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage (parallel, then solo)
 	$(MAKE) --no-print-directory lint
-	tmp=$$(mktemp -d /tmp/fm-test.XXXXXX) && echo "pytest base temp: $$tmp" && \
-	$(PY) -m pytest -m "not solo" -n $(TEST_WORKERS) --dist loadscope --durations=25 --basetemp $$tmp/parallel \
-		$(COV) --cov-report= && \
-	$(PY) -m pytest -m solo --durations=25 --basetemp $$tmp/solo $(COV) --cov-append --cov-report=term-missing \
-		--cov-report=xml --cov-fail-under=85 && \
-	rm -rf $$tmp
+	tmp=$$(mktemp -d /tmp/fm.XXXXXX) && $(PY) -m pytest -m "not solo" -n $(TEST_WORKERS) --dist loadscope \
+		--durations=25 --basetemp $$tmp $(COV) --cov-report= && rm -rf $$tmp
+	tmp=$$(mktemp -d /tmp/fm.XXXXXX) && $(PY) -m pytest -m solo --durations=25 --basetemp $$tmp $(COV) \
+		--cov-append --cov-report=term-missing --cov-report=xml --cov-fail-under=85 && rm -rf $$tmp
 
 test-fast:  ## unit tests only (no JVM, no docker), for quick iteration
 	$(PY) -m pytest -m "not serving and not container"

@@ -256,9 +256,16 @@ def test_make_test_runs_the_parallel_then_the_solo_tests_with_one_coverage() -> 
     coverage, so the floor, the report and coverage.xml are those of the whole suite."""
     makefile = (REPO / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
     recipe = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
-    parallel, solo = [line.split() for line in recipe.splitlines() if " -m pytest " in line]
-    assert parallel[3:7] == ["-m", '"not', 'solo"', "-n"] and "--dist" in parallel, parallel
-    assert solo[3:5] == ["-m", "solo"] and "-n" not in solo, solo
+    # Each phase's arguments: what follows "-m pytest" on its line.
+    parallel, solo = [
+        words[words.index("pytest") + 1 :]
+        for words in (line.split() for line in recipe.splitlines())
+        if "pytest" in words
+    ]
+    assert parallel[:4] == ["-m", '"not', 'solo"', "-n"] and "--dist" in parallel, parallel
+    assert solo[:2] == ["-m", "solo"] and "-n" not in solo, solo
+    for phase in (parallel, solo):
+        assert "--basetemp" in phase, "xdist's popen-gwN/ makes pytest's default base temp too long"
     for phase in (parallel, solo):
         assert {"--durations=25", "$(COV)"} <= set(phase), phase
     assert {"--cov-append", "--cov-report=xml", "--cov-fail-under=85"} <= set(solo), solo
