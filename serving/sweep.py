@@ -13,7 +13,7 @@ Every grid point is the project's archive on its own local config (tokens on) wi
   * netty threads: number_of_netty_threads and netty_client_threads in config.properties.
 Every point gets a fresh server (threads need one anyway, and see `_servers`). Each point is
 `wrk --latency` (serving.wrk) at each client count after a warm-up. A batch size of 1 never waits,
-so it is swept with delay 0 only; batch > 1 with delay 0 or 1 ms are the settings that keep a lone
+so it is swept with delay 0 only; batch > 1 with short delays (0 to 2 ms) are the settings that keep a lone
 request from waiting out the whole delay, measured next to 5 ms.
 """
 
