@@ -1,15 +1,17 @@
 """Shared fixtures: tiny generated IDX data, the real Fashion-MNIST, and a small trained export.
 
-The expensive fixtures are session-scoped and built once: `real_data_root` (the Debian
-package's files, processed into a temp dir), `export_dir` (a briefly trained real model,
-exported with the project's own export step) and `mar_file` (archived with the project's
-own archive step).
+The expensive fixtures are session-scoped and built once per test run, however many pytest-xdist
+workers share it (`build_once`): `real_data_root` (the Debian package's files, processed into a temp
+dir), `trained_run` (a briefly trained real model), `export_dir` (its export by the project's own
+export step) and `mar_file` (archived with the project's own archive step).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import shutil
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from ts.service import Service
@@ -149,6 +152,27 @@ def compose_cfg() -> Callable[..., DictConfig]:
     return _compose
 
 
+def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(path)` once per test run, its `path` shared by every pytest-xdist worker of that run.
+
+    Session fixtures are per process, so under xdist each worker would otherwise train and archive
+    its own copy: on 2 cores that doubles the CPU the slowest fixtures take. The first worker to ask
+    builds under a file lock while the others wait; a build that raised leaves no marker, so the next
+    worker to ask retries from scratch (and reports its own failure). Only for read-only results.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base temp; each worker's own is a directory inside it
+    path, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / "shared" / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real Fashion-MNIST (Debian package), processed into a temp dir."""
@@ -156,9 +180,9 @@ def real_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail(
             f"{data_mod.DEBIAN_DIR} is empty: run `scripts/setup.sh` (installs dataset-fashion-mnist)"
         )
-    root = tmp_path_factory.mktemp("fmnist")
-    data_mod.prepare(root, None, allow_download=False)
-    return root
+    return build_once(
+        tmp_path_factory, "fmnist", lambda root: data_mod.prepare(root, None, allow_download=False)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -179,9 +203,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, real_data_root: Path) 
                 "logger=csv",
             ],
         )
-    run = tmp_path_factory.mktemp("run") / "run"
-    train(cfg, run)
-    return run
+    return build_once(tmp_path_factory, "run", lambda run: train(cfg, run))
 
 
 @pytest.fixture(scope="session")
@@ -189,9 +211,11 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, real
     """The project's own export of `trained_run`: model.pt, model_meta.json, index_to_name.json."""
     from training.export import export
 
-    out = tmp_path_factory.mktemp("export") / "model"
-    export(trained_run, out, version="1.0", data_root=real_data_root)
-    return out
+    return build_once(
+        tmp_path_factory,
+        "export",
+        lambda out: export(trained_run, out, version="1.0", data_root=real_data_root),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -200,16 +224,21 @@ def mar_file(tmp_path_factory: pytest.TempPathFactory, export_dir: Path, real_da
     as the default variant (archive/variants.py)."""
     from archive.build import build
 
-    return build(export_dir, tmp_path_factory.mktemp("model_store"), data_root=real_data_root).path
+    store = build_once(
+        tmp_path_factory, "model_store", lambda out: build(export_dir, out, data_root=real_data_root)
+    )
+    return store / f"{ModelMeta.load(export_dir).name}.mar"
 
 
 @pytest.fixture(scope="session")
 def served_model_dir(tmp_path_factory: pytest.TempPathFactory, mar_file: Path) -> Path:
     """`mar_file` unpacked: the files the server answers from, for offline evaluation of the same artifact."""
-    out = tmp_path_factory.mktemp("served") / "model"
-    with zipfile.ZipFile(mar_file) as archive:
-        archive.extractall(out)
-    return out
+
+    def unpack(out: Path) -> None:
+        with zipfile.ZipFile(mar_file) as archive:
+            archive.extractall(out)
+
+    return build_once(tmp_path_factory, "served", unpack)
 
 
 # --- a real TorchServe per deploy target (test_hostile, test_grpc) -----------------------------------

@@ -1,7 +1,7 @@
 """Helpers for the reliability tests (test_hostile, test_auth, test_faults, test_soak): a throw-away
 model store, HTTP requests written byte for byte, and the checks every fault test repeats.
 
-The servers in those tests run an archive of a random-weights export, built once per test session
+The servers in those tests run an archive of a random-weights export, built once per test run
 with the project's own archive step: what they check (status codes, batching, worker restarts, memory)
 does not depend on what the model learned, and no training run is needed. Answers are still checked
 exactly, against the same export evaluated offline.
@@ -14,6 +14,7 @@ wire that each request gets exactly one response.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import socket
@@ -32,7 +33,7 @@ from serving.client import Client
 from serving.server import ANY_PORTS, Instance, start, stop
 from serving.tsconfig import override, parse_properties, render
 from serving.waiting import wait_for
-from tests.conftest import make_random_export
+from tests.conftest import build_once, make_random_export
 
 # The TorchServe settings of each place the model is served, as properties text (serving.tsconfig's
 # render of each target). The reliability suites run a local variant of each (`local_variant`);
@@ -61,19 +62,19 @@ class RandomArchive:
 def random_archive(
     tmp_path_factory: pytest.TempPathFactory, serving: ServingConfig | None = None
 ) -> RandomArchive:
-    """The session's random-weights export and an archive of it (its fp32 variant), built on first use
-    (about 15 s).
+    """The run's random-weights export and an archive of it (its fp32 variant), built on first use
+    (about 15 s) and shared by every xdist worker (tests.conftest.build_once).
 
     `serving`: the archive's model-config.yaml (default: archive.build's); one archive per setting.
     """
-    base = tmp_path_factory.getbasetemp()
-    export = base / "random-archive" / "export"
-    store = base / ("random-archive" if serving is None else f"random-archive-{abs(hash(serving))}") / "store"
-    if not (export / "model.pt").is_file():
-        make_random_export(export)
-    if not (store / f"{MODEL_NAME}.mar").is_file():
-        # Random weights have no accuracy for int8 to keep: archive the export itself.
-        build(export, store, config=serving, variant=EXPORTED_VARIANT)
+    export = build_once(tmp_path_factory, "random-export", make_random_export)
+    # Random weights have no accuracy for int8 to keep: archive the export itself.
+    setting = "" if serving is None else "-" + hashlib.sha256(repr(serving).encode()).hexdigest()[:8]
+    store = build_once(
+        tmp_path_factory,
+        f"random-store{setting}",
+        lambda out: build(export, out, config=serving, variant=EXPORTED_VARIANT),
+    )
     return RandomArchive(export, store)
 
 
