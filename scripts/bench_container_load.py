@@ -26,10 +26,10 @@ from pathlib import Path
 
 from serving import REPO, wrk
 from serving import container_load as cl
+from serving.bench import GOAL_P99_MS
 from serving.container import require_image
 from serving.docblock import command, write_block
 from serving.images import fashion_test_pngs
-from serving.peers import GOAL_P99_MS
 from serving.server import InputError, ServeError, exit_status
 from training.cli import DATA_DIR
 

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from serving import MODEL_NAME, REPO, wrk
+from serving.bench import GOAL_P99_MS, warm_up
 from serving.container import cgroup_dir, describe, docker, first_prediction, hardened_flags
 from serving.container_memory import (
     MANIFEST,
@@ -49,7 +50,6 @@ from serving.container_memory import (
     torchserve_container,
 )
 from serving.docblock import machine
-from serving.peers import GOAL_P99_MS
 from serving.server import InputError, ServeError
 from serving.wrk import WrkResult
 
@@ -214,7 +214,7 @@ def measure(
     p99_ms: float = GOAL_P99_MS,
     log: Callable[[str], None] = print,
 ) -> Results:
-    """Each CPU limit in a fresh container: a warm-up at the most clients, then each client count.
+    """Each CPU limit in a fresh container: a warm-up (serving.bench.warm_up), then each client count.
     `p99_ms` is the latency bound that `recommend` and `render` judge capacity by."""
     results = Results(image, seconds, warmup_s, machine(), pod_memory_limit(), p99_ms=p99_ms)
     for limit in cpus:
@@ -228,7 +228,7 @@ def measure(
                 }
             url = f"http://{address}:8080/predictions/{MODEL_NAME}"
             headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
-            wrk.run(url, headers, body, max(clients), warmup_s)
+            warm_up(url, headers, body, clients, warmup_s)
             run = LimitRun(limit)
             for n in clients:
                 point = run_point(container, limit, url, headers, body, n, seconds)

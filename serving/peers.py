@@ -42,7 +42,7 @@ import requests
 
 from handler.meta import ModelMeta
 from serving import MODEL_NAME, REPO, wrk
-from serving.bench import REGISTER_TIMEOUT_S, inference
+from serving.bench import GOAL_P99_MS, REGISTER_TIMEOUT_S, inference, warm_up
 from serving.client import Client
 from serving.docblock import machine
 from serving.server import (
@@ -77,7 +77,6 @@ PEERS = ("project", "stock", "litserve")
 SERVED_FILES = ("model.pt", "model_meta.json", "index_to_name.json")  # what the peers load
 PEER_MODULES = ("litserve", "captum", "ts", "torchvision", "multipart")  # what the peers import
 GOAL_RATIO = 2.5  # the goal: the project's defaults serve 2.5x the best peer at 16 clients
-GOAL_P99_MS = 10.0
 TOP_K = 5
 STARTUP_TIMEOUT_S = 600  # LitServe spawns its workers: each imports torch afresh, slow on a busy machine
 
@@ -205,7 +204,7 @@ def measure(setup: Setup, scratch: Path, log: Callable[[str], None] = print) -> 
     for peer in setup.peers:
         results.points[peer] = {}
         for label, target in servers[peer](setup, model_dir, scratch):
-            wrk.run(target.url, target.headers, target.body, max(setup.clients), setup.warmup_s)
+            warm_up(target.url, target.headers, target.body, setup.clients, setup.warmup_s)
             points = {
                 clients: wrk.run(target.url, target.headers, target.body, clients, setup.seconds)
                 for clients in setup.clients

@@ -25,17 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handler.fashion_handler import THREADS_ENV
-from serving.bench import REGISTER_TIMEOUT_S, WARMUP_S, inference
+from serving.bench import GOAL_P99_MS, REGISTER_TIMEOUT_S, WARMUP_S, inference, warm_up
 from serving.client import Client
-from serving.properties import parse_properties
 from serving.server import ANY_PORTS, Instance, start, stop
-from serving.tsconfig import render as render_config
 from serving.wrk import WrkResult
 from serving.wrk import run as wrk_run
-
-GOAL_P99_MS = 10.0  # issue 12: p99 at 16 clients
-# The local config's job queue: warming up with more clients than it holds only collects refusals.
-WARMUP_CLIENTS = int(parse_properties(render_config("local"))["job_queue_size"])
 
 
 @dataclass(frozen=True, order=True)
@@ -102,7 +96,7 @@ def run(
     """wrk figures for every point and client count."""
     results: dict[Point, dict[int, WrkResult]] = {}
     for point, (url, headers) in _servers(store, points, scratch):
-        wrk_run(url, headers, body, min(max(clients), WARMUP_CLIENTS), WARMUP_S)
+        warm_up(url, headers, body, clients)
         results[point] = {n: wrk_run(url, headers, body, n, seconds) for n in clients}
         log(
             f"workers {point.workers}, batch {point.batch_size}, delay {point.delay_ms} ms, "

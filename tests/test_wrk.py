@@ -1,5 +1,5 @@
 """serving.wrk: wrk's report parsed into figures, and a real wrk run against a real local HTTP/1.1
-server that checks every request's method, headers and body.
+server that checks every request's method, headers and body; serving.bench.warm_up's client count.
 
     python -m pytest tests/test_wrk.py -q
 """
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from serving import wrk
+from serving import bench, wrk
+from serving.properties import parse_properties
 from serving.server import InputError, ServeError
+from serving.tsconfig import render
 
 REPORT = """Running 1s test @ http://127.0.0.1:18777/
   1 threads and 2 connections
@@ -104,3 +106,12 @@ def test_missing_wrk_names_the_install(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(InputError, match="apt-get install wrk"):
         wrk.run("http://127.0.0.1:1/", {}, b"", connections=1, seconds=1)
+
+
+def test_warm_up_uses_the_most_clients_up_to_the_job_queue(url: str) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    queue = int(parse_properties(render("local"))["job_queue_size"])
+    capped = bench.warm_up(url, headers, BODY, [1, 4 * queue], seconds=1)
+    assert (capped.connections, capped.errors) == (queue, 0), capped
+    below = bench.warm_up(url, headers, BODY, [3, 1], seconds=1)
+    assert (below.connections, below.errors) == (3, 0), below
