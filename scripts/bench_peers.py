@@ -60,18 +60,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--configs", nargs="+", type=config, default=list(peers.CONFIGS), help="WORKERS:BATCH:DELAY_MS each"
     )
     parser.add_argument("--in-process-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--peer-torch-threads",
+        type=int,
+        default=1,
+        help="torch threads per peer worker, as the project's (default 1); 0: torch's default, one per core",
+    )
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--figure", type=Path, default=FIGURE)
     parser.add_argument("--no-doc", action="store_true", help="print the block; write neither doc nor figure")
     args = parser.parse_args(argv)
     cmdline = command(["python", "-m", "scripts.bench_peers"], argv if argv is not None else sys.argv[1:])
     try:
-        if args.seconds <= 0 or args.warmup <= 0 or min(args.clients) < 1:
-            raise InputError("--seconds and --warmup must be > 0 and every --clients >= 1")
+        if args.seconds <= 0 or args.warmup <= 0 or min(args.clients) < 1 or args.peer_torch_threads < 0:
+            raise InputError(
+                "--seconds and --warmup must be > 0, every --clients >= 1, --peer-torch-threads >= 0"
+            )
         setup = peers.Setup(
             model_store=args.model_store.resolve(),
             body=b"",
             peer_python=args.peer_python,
+            peer_torch_threads=args.peer_torch_threads or None,
             clients=sorted(set(args.clients)),
             seconds=args.seconds,
             warmup_s=args.warmup,

@@ -120,6 +120,10 @@ class Setup:
     configs: Sequence[Config] = CONFIGS
     peers: Sequence[str] = PEERS
     in_process_s: float = 5.0
+    # Torch threads per peer worker (OMP_NUM_THREADS): the project's own per-worker default, so the
+    # servers differ in serving code, not in a tuning knob. None: torch's default, one per core,
+    # which on 2 cores has two workers' threads fight (LitServe, 1 client: p99 19 ms against 4 ms).
+    peer_torch_threads: int | None = 1
 
 
 @dataclass
@@ -217,6 +221,13 @@ def measure(setup: Setup, scratch: Path, log: Callable[[str], None] = print) -> 
     return results
 
 
+def _threads(setup: Setup) -> str:
+    if setup.peer_torch_threads is None:
+        return "torch's default threads (one per core)"
+    n = setup.peer_torch_threads
+    return f"{n} torch thread{'s' if n > 1 else ''} per worker, as the project's workers have by default"
+
+
 def _short(r: WrkResult) -> str:
     errors = f", {r.errors} errors" if r.errors else ""
     return f"{r.connections} clients {r.rps:.0f} req/s p99 {r.p99:.1f} ms{errors}"
@@ -263,12 +274,17 @@ def build_stock_archive(model_dir: Path, store: Path) -> Path:
     return store / f"{MODEL_NAME}.mar"
 
 
+def peer_env(setup: Setup) -> dict[str, str]:
+    """Environment for a peer server and its workers: their torch thread count (Setup.peer_torch_threads)."""
+    return {} if setup.peer_torch_threads is None else {"OMP_NUM_THREADS": str(setup.peer_torch_threads)}
+
+
 def stock_targets(setup: Setup, model_dir: Path, scratch: Path) -> Iterator[tuple[str, Target]]:
     """Stock TorchServe from the peer venv with the stock handler, tokens off: each config."""
     store = scratch / "stock-store"
     build_stock_archive(model_dir, store)
     instance = Instance("peers-stock", scratch)
-    start(instance, store, ANY_PORTS, config=STOCK_CONFIG, python=str(setup.peer_python))
+    start(instance, store, ANY_PORTS, config=STOCK_CONFIG, python=str(setup.peer_python), env=peer_env(setup))
     try:
         client = Client.for_instance(instance, timeout=REGISTER_TIMEOUT_S)
         for config in setup.configs:
@@ -311,7 +327,13 @@ def litserve_server(setup: Setup, model_dir: Path, config: Config, scratch: Path
     log_file = scratch / f"litserve-{port}.log"
     with log_file.open("wb") as log:
         # Its own session: LitServe starts worker processes, and all of them go when it stops.
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **peer_env(setup)},
+        )
     base = f"http://{HOST}:{port}"
 
     def healthy() -> bool:
@@ -501,8 +523,8 @@ Model: the archive's `model.pt` ({results.model.version}, variant {results.model
 and the in-process limit; every request sends the same 28x28 PNG.
 Each point: `wrk --latency`, HTTP/1.1 keep-alive, {setup.seconds:g} s after a {setup.warmup_s:g} s warm-up.
 The project's server runs its own config with tokens on; stock TorchServe (stock config, the stock
-handler's transforms set to 28x28 grayscale) and LitServe run with tokens off and torch's default
-threads. Configs tried per server: {"; ".join(c.label for c in setup.configs)}.
+handler's transforms set to 28x28 grayscale) and LitServe run with tokens off and {_threads(setup)}.
+Configs tried per server: {"; ".join(c.label for c in setup.configs)}.
 
 | server | config | {head} |
 |{"---|" * (len(clients) + 2)}

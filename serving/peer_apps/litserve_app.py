@@ -5,8 +5,8 @@ It runs from the peer venv (serving/peers.py starts it there, one server per con
         --workers 1 --max-batch-size 8 --batch-timeout-ms 5
 
 POST /predict takes the PNG as a multipart/form-data file in the field "request" (LitServe reads a
-form or JSON, not a raw body) and answers the top-5 classes with their probabilities. Torch keeps
-its default threads, as an unconfigured LitServe app does.
+form or JSON, not a raw body) and answers the top-5 classes with their probabilities. Torch takes
+its thread count from OMP_NUM_THREADS, which the benchmark sets (serving.peers.Setup.peer_torch_threads).
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's annotation at runtime,
