@@ -74,6 +74,17 @@ def test_render_states_goals_and_every_point() -> None:
     assert block.count("2 workers, batch 8, 5 ms") >= 1 and "3 errors" in block
 
 
+@pytest.mark.parametrize(
+    ("threads", "env", "stated"),
+    [(1, {"OMP_NUM_THREADS": "1"}, "1 torch thread per worker"), (None, {}, "torch's default threads")],
+)
+def test_peers_get_the_torch_threads_the_block_states(threads: int | None, env: dict, stated: str) -> None:
+    run = results(1400, 11.0, 5.0)
+    run.setup.peer_torch_threads = threads
+    assert peers.peer_env(run.setup) == env
+    assert stated in peers.render(run, "python -m scripts.bench_peers", None)
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     figure = tmp_path / "figures" / "peers.png"
     peers.plot(results(1500, 9.0, 3.0), figure)
