@@ -14,7 +14,8 @@
 #    fetched (or, for source-only packages, built) by this host's pip, which reaches the indexes;
 #    the images install from it with --no-index. The host must therefore run CPython 3.11 on
 #    linux x86_64, like the images. Cached in build/wheelhouse/ until a requirements file changes.
-# 3. `docker build --build-arg WHEELS=local`.
+# 3. `docker build --build-arg WHEELS=local`; the image the tag named before is removed once
+#    nothing else uses it, so rebuilds do not pile up untagged images.
 # With internet access, `docker build .` does the same with Docker Hub and the indexes
 # (docs/deploy.md). Needs a running engine (scripts/ensure_dockerd.sh) and, for step 1, root.
 set -euo pipefail
@@ -163,7 +164,16 @@ if [[ $dockerfile == Dockerfile && $target == serve ]]; then
     cp "$mar" build/image/fashion_mnist.mar
     args+=(--build-arg MAR=build/image/fashion_mnist.mar)
 fi
+old=$(docker image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 say "docker build ${args[*]} ."
 docker build "${args[@]}" .
 size=$(docker image inspect --format '{{.Size}}' "$tag")
 say "built $tag: $((size / 1000000)) MB"
+# A rebuild moves the tag, and the image it leaves untagged (about 1.2 GB) would pile up with every
+# build. Remove it unless another tag or a container still uses it (then `docker image rm` refuses).
+if [[ -n $old && $old != "$(docker image inspect --format '{{.Id}}' "$tag")" &&
+    -z $(docker image inspect --format '{{join .RepoTags ""}}' "$old" 2>/dev/null) ]]; then
+    if docker image rm "$old" >/dev/null 2>&1; then
+        say "removed the image $tag pointed to before (${old:7:12}), now untagged"
+    fi
+fi
