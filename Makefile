@@ -82,13 +82,17 @@ COV := --cov=model --cov=training
 
 # Each phase gets a short base temp dir of its own (removed when it passes): xdist adds popen-gwN/ to
 # pytest's default one, and a server's state dir under that would pass the 80 characters TorchServe's
-# unix sockets allow.
+# unix sockets allow. The trained, exported and archived fixtures are built once for both phases, in
+# TEST_SHARED (tests/conftest.py:build_once), which a new run clears and a passing run removes.
+TEST_SHARED := $(CURDIR)/build/test-shared
 test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage (parallel, then solo)
 	$(MAKE) --no-print-directory lint
-	tmp=$$(mktemp -d /tmp/fm.XXXXXX) && $(PY) -m pytest -m "not solo" -n $(TEST_WORKERS) --dist loadscope \
-		--durations=25 --basetemp $$tmp $(COV) --cov-report= && rm -rf $$tmp
-	tmp=$$(mktemp -d /tmp/fm.XXXXXX) && $(PY) -m pytest -m solo --durations=25 --basetemp $$tmp $(COV) \
-		--cov-append --cov-report=term-missing --cov-report=xml --cov-fail-under=85 && rm -rf $$tmp
+	rm -rf $(TEST_SHARED)
+	tmp=$$(mktemp -d /tmp/fm.XXXXXX) && FASHION_TEST_SHARED=$(TEST_SHARED) $(PY) -m pytest -m "not solo" \
+		-n $(TEST_WORKERS) --dist loadscope --durations=25 --basetemp $$tmp $(COV) --cov-report= && rm -rf $$tmp
+	tmp=$$(mktemp -d /tmp/fm.XXXXXX) && FASHION_TEST_SHARED=$(TEST_SHARED) $(PY) -m pytest -m solo \
+		--durations=25 --basetemp $$tmp $(COV) --cov-append --cov-report=term-missing --cov-report=xml \
+		--cov-fail-under=85 && rm -rf $$tmp $(TEST_SHARED)
 
 test-fast:  ## unit tests only (no JVM, no docker), for quick iteration
 	$(PY) -m pytest -m "not serving and not container"

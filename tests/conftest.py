@@ -152,6 +152,11 @@ def compose_cfg() -> Callable[..., DictConfig]:
     return _compose
 
 
+# make test sets this to one directory for both of its pytest runs (the parallel and the solo phase),
+# so they share the fixtures build_once makes; it clears the directory first.
+SHARED_ENV = "FASHION_TEST_SHARED"
+
+
 def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
     """`build(path)` once per test run, its `path` shared by every pytest-xdist worker of that run.
 
@@ -159,13 +164,18 @@ def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
     its own copy: on 2 cores that doubles the CPU the slowest fixtures take. The first worker to ask
     builds under a file lock while the others wait; a build that raised leaves no marker, so the next
     worker to ask retries from scratch (and reports its own failure). Only for read-only results.
+    The directory is $FASHION_TEST_SHARED when set, else one in the run's base temp.
     """
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's base temp; each worker's own is a directory inside it
-    path, done = root / "shared" / name, root / "shared" / f"{name}.done"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / "shared" / f"{name}.lock")):
+    if shared := os.environ.get(SHARED_ENV):
+        root = Path(shared)
+    else:
+        root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            root = root.parent  # the run's base temp; each worker's own is a directory inside it
+        root = root / "shared"
+    path, done = root / name, root / f"{name}.done"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
             shutil.rmtree(path, ignore_errors=True)
             build(path)
