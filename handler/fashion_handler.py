@@ -36,6 +36,7 @@ from handler.variants import load_model
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = "FASHION_TORCH_THREADS"
+DEFAULT_THREADS = 1  # per worker, when THREADS_ENV is unset (configure_threads says why)
 
 
 def configure_threads() -> int:
@@ -46,7 +47,7 @@ def configure_threads() -> int:
     W*C busy threads that fight over the cores and add latency. One thread per worker makes the
     worker count the one knob; raise the variable only for a single worker on a many-core host.
     """
-    raw = os.environ.get(THREADS_ENV, "1")
+    raw = os.environ.get(THREADS_ENV, str(DEFAULT_THREADS))
     try:
         threads = int(raw)
     except ValueError:

@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--peer-torch-threads",
         type=int,
-        default=1,
-        help="torch threads per peer worker, as the project's (default 1); 0: torch's default, one per core",
+        default=peers.DEFAULT_THREADS,
+        help="torch threads per peer worker, as the project's (%(default)s); 0: torch's default (per core)",
     )
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--figure", type=Path, default=FIGURE)

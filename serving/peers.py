@@ -40,6 +40,7 @@ from pathlib import Path
 
 import requests
 
+from handler.fashion_handler import DEFAULT_THREADS
 from handler.meta import ModelMeta
 from serving import MODEL_NAME, REPO, wrk
 from serving.bench import GOAL_P99_MS, REGISTER_TIMEOUT_S, inference, warm_up
@@ -123,7 +124,7 @@ class Setup:
     # Torch threads per peer worker (OMP_NUM_THREADS): the project's own per-worker default, so the
     # servers differ in serving code, not in a tuning knob. None: torch's default, one per core,
     # which on 2 cores has two workers' threads fight (LitServe, 1 client: p99 19 ms against 4 ms).
-    peer_torch_threads: int | None = 1
+    peer_torch_threads: int | None = DEFAULT_THREADS
 
 
 @dataclass
