@@ -24,6 +24,7 @@ import yaml
 
 from checks import workflow_scripts
 from checks.workflow_scripts import Script, scripts, shellcheck
+from tests.conftest import SHARED_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -266,6 +267,9 @@ def test_make_test_runs_the_parallel_then_the_solo_tests_with_one_coverage() -> 
     assert solo[:2] == ["-m", "solo"] and "-n" not in solo, solo
     for phase in (parallel, solo):
         assert "--basetemp" in phase, "xdist's popen-gwN/ makes pytest's default base temp too long"
+    # Both phases read the fixtures build_once made in one directory (tests/conftest.py).
+    shared = [line for line in recipe.splitlines() if "pytest" in line.split()]
+    assert all(f"{SHARED_ENV}=$(TEST_SHARED) " in line for line in shared), shared
     for phase in (parallel, solo):
         assert {"--durations=25", "$(COV)"} <= set(phase), phase
     assert {"--cov-append", "--cov-report=xml", "--cov-fail-under=85"} <= set(solo), solo
