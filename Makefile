@@ -83,9 +83,12 @@ COV := --cov=model --cov=training
 # Each phase gets a short base temp dir of its own (removed when it passes): xdist adds popen-gwN/ to
 # pytest's default one, and a server's state dir under that would pass the 80 characters TorchServe's
 # unix sockets allow. The trained, exported and archived fixtures are built once for both phases, in
-# TEST_SHARED (tests/conftest.py:build_once), which a new run clears and a passing run removes.
+# TEST_SHARED (tests/conftest.py:build_once), which a new run clears and a passing run removes. Setup
+# builds the images the container tests use while the venv installs (scripts/setup.sh --images), so
+# their builds in the CPU-bound parallel phase find every layer but the archive's cached.
 TEST_SHARED := $(CURDIR)/build/test-shared
-test: setup-dev  ## THE TEST COMMAND: setup, lint, then the whole suite with coverage (parallel, then solo)
+test:  ## THE TEST COMMAND: setup (with the test images), lint, then the whole suite with coverage (parallel, then solo)
+	scripts/setup.sh --dev --images
 	$(MAKE) --no-print-directory lint
 	rm -rf $(TEST_SHARED)
 	tmp=$$(mktemp -d /tmp/fm.XXXXXX) && FASHION_TEST_SHARED=$(TEST_SHARED) $(PY) -m pytest -m "not solo" \

