@@ -136,14 +136,22 @@ def test_torchrun_nodes_meet_at_node_zero(real_data_root: Path, tmp_path: Path) 
     assert [out.count(f"exported:   {tmp_path / 'export0'}") for out, _ in outputs] == [1, 0]
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [("trainer.strategy=dpp", "invalid strategy name"), ("trainer.precision=fp8", "precision")],
-)
-def test_a_setting_lightning_refuses_is_a_clear_error(override: str, message: str, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "training.train", "trainer=ddp", override, f"run_root={tmp_path}",
-           f"data.root={tmp_path / 'data'}"]  # fmt: skip
+def test_a_setting_lightning_refuses_is_a_clear_error(tmp_path: Path) -> None:
+    """The command line's contract: exit 2, Lightning's reason and where the setting came from."""
+    cmd = [sys.executable, "-m", "training.train", "trainer=ddp", "trainer.strategy=dpp",
+           f"run_root={tmp_path}", f"data.root={tmp_path / 'data'}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "trainer.* overrides" in proc.stderr
+    assert "invalid strategy name" in proc.stderr and "trainer.* overrides" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_precision_lightning_refuses_is_a_settings_error(compose_cfg, tmp_path: Path) -> None:
+    """The same refusal for a precision, in process: train() raises the SettingsError (exit code 2)
+    that the command line answers as above."""
+    from training.train import SettingsError, train
+
+    cfg = compose_cfg("trainer=ddp", "trainer.precision=fp8", "logger=csv", f"data.root={tmp_path / 'data'}")
+    with pytest.raises(SettingsError, match=r"precision.*trainer\.\* overrides") as err:
+        train(cfg, tmp_path / "run")
+    assert err.value.exit_code == 2

@@ -21,7 +21,7 @@ from PIL import Image
 
 from archive.build import ArchiveError, build, main, served_variant, validate_export
 from archive.selfcheck import WorkerRequest, predict
-from archive.variants import VariantError, build_variant, parity
+from archive.variants import DEFAULT_VARIANT, VariantError, build_variant, parity
 from handler.meta import MetaError, ModelMeta
 from handler.preprocess import normalize
 from handler.variants import EXPORTED_VARIANT, VARIANTS, load_model
@@ -143,21 +143,24 @@ def test_parity_refuses_a_variant_that_loses_accuracy(
 
 
 def test_int8_archive_through_the_command_line(
-    export_dir: Path, real_data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    export_dir: Path, mar_file: Path, real_data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Built into a store already holding `mar_file` (the same export's int8 archive, built through
+    the API), it is the same model: a quantized file is identified by the weights it came from."""
+    assert DEFAULT_VARIANT == "int8", "mar_file is the default variant's archive"
     store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(mar_file, store / "fashion_mnist.mar")
     argv = ["--export-dir", str(export_dir), "--store", str(store), "--variant", "int8"]
     assert main([*argv, "--data", str(real_data_root), "--max-accuracy-drop", str(LENIENT_DROP)]) == 0
     out = capsys.readouterr().out
     assert "variant int8: test accuracy" in out and "on 10000 test images" in out
     assert "version: 1.0-int8" in out and "variant: int8" in out
+    assert "existing archive replaced version 1.0-int8 (same model)" in out
     with zipfile.ZipFile(store / "fashion_mnist.mar") as mar:
         meta = json.loads(mar.read("model_meta.json"))
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
     assert (meta["variant"], meta["version"], manifest["modelVersion"]) == ("int8", "1.0-int8", "1.0-int8")
-    # The same build again is the same model: a quantized file is identified by the weights it came from.
-    again = build(export_dir, store, variant="int8", data_root=real_data_root, max_drop=LENIENT_DROP)
-    assert again.replaced == "replaced version 1.0-int8 (same model)"
 
 
 def test_int8_builds_and_answers_after_training_left_determinism_on(
