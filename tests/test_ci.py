@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,7 @@ import yaml
 
 from checks import workflow_scripts
 from checks.workflow_scripts import Script, scripts, shellcheck
-from serving.waiting import WaitTimeout, wait_for
 from tests.conftest import SHARED_ENV
-from tests.containers import wait_for_setup_builds
 from tests.test_container import RUNTIME_IMAGE, TRAIN_IMAGE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,25 +284,8 @@ def test_setup_builds_the_images_under_the_container_tests_tags() -> None:
     setup = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
     for image in (RUNTIME_IMAGE, TRAIN_IMAGE):
         tag = image.replace(":test", ":$tag", 1)
-        assert f'"{tag}"' in setup, image
+        assert f'--tag "{tag}"' in setup, image
     assert "tag=${FASHION_TEST_TAG:-test}" in setup  # as tests/containers.build_image renames them
-
-
-def test_image_builds_wait_for_the_lock_setup_holds(tmp_path: Path) -> None:
-    """setup.sh holds the lock with flock(1) while its builds run; the tests' builds wait for it."""
-    lock = tmp_path / "images.lock"
-    wait_for_setup_builds(lock, timeout=1)  # no setup ran: nothing to wait for
-    holder = subprocess.Popen(["flock", str(lock), "sleep", "1.5"])
-    try:
-        wait_for(lock.exists, timeout=5, what="flock to create the lock file")
-        time.sleep(0.3)  # flock has the lock once it runs sleep
-        with pytest.raises(WaitTimeout, match="build/images.log"):
-            wait_for_setup_builds(lock, timeout=0.3)
-        wait_for_setup_builds(lock, timeout=10)
-        assert holder.poll() is not None, "returned while the lock was still held"
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.parametrize(
