@@ -76,29 +76,20 @@ apt_install() {
         echo "warning: not root; run: sudo apt-get install -y $missing" >&2; return 0
     fi
     say "apt-get install $missing"
-    apt-get update -qq
+    if [[ -z ${apt_updated:-} ]]; then
+        apt-get update -qq
+        apt_updated=1
+    fi
     # shellcheck disable=SC2086  # word splitting of the package list is intended
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
-java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1; }
-if [[ "$(java_major || true)" != "17" ]]; then
-    apt_install openjdk-17-jre-headless
-fi
-if [[ "$(java_major || true)" != "17" ]]; then
-    echo "error: TorchServe needs Java 17 on PATH (found: $(java -version 2>&1 | head -1 || echo none))." >&2
-    echo "       install openjdk-17-jre-headless (apt) or put a JDK 17 first on PATH, then rerun." >&2
-    exit 1
-fi
-if command -v apt-get >/dev/null; then
-    apt_install dataset-fashion-mnist
-fi
+# --- the Docker engine first (--dev), so the test images start building as soon as it answers ----
 if [[ $DEV -eq 1 ]]; then
-    # An engine or a Node from elsewhere stays (docker-ce conflicts with docker.io; GitHub's runners have both).
-    extra=()
-    command -v docker >/dev/null || extra+=(docker.io)
-    command -v npm >/dev/null || extra+=(nodejs npm)
-    apt_install nginx-light prometheus prometheus-alertmanager wrk debootstrap curl "${extra[@]}"
+    # An engine from elsewhere stays (docker-ce conflicts with docker.io; GitHub's runners have both).
+    engine=()
+    command -v docker >/dev/null || engine=(docker.io)
+    apt_install debootstrap "${engine[@]}"
     scripts/ensure_dockerd.sh
 fi
 
@@ -116,6 +107,26 @@ if [[ $IMAGES -eq 1 ]]; then
     } >build/images.log 2>&1 &
     images_pid=$!
     trap 'stop_jobs "$venv_pid" "$images_pid"' EXIT
+fi
+
+# --- the other Debian packages ----------------------------------------------------------------
+java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1; }
+if [[ "$(java_major || true)" != "17" ]]; then
+    apt_install openjdk-17-jre-headless
+fi
+if [[ "$(java_major || true)" != "17" ]]; then
+    echo "error: TorchServe needs Java 17 on PATH (found: $(java -version 2>&1 | head -1 || echo none))." >&2
+    echo "       install openjdk-17-jre-headless (apt) or put a JDK 17 first on PATH, then rerun." >&2
+    exit 1
+fi
+if command -v apt-get >/dev/null; then
+    apt_install dataset-fashion-mnist
+fi
+if [[ $DEV -eq 1 ]]; then
+    # A Node from elsewhere stays, like an engine (above).
+    node=()
+    command -v npm >/dev/null || node=(nodejs npm)
+    apt_install nginx-light prometheus prometheus-alertmanager wrk curl "${node[@]}"
 fi
 
 if ! wait "$venv_pid"; then
