@@ -7,17 +7,18 @@
 #   scripts/build_image.sh --target runtime         # no archive inside: mount the model store at run time
 #   scripts/build_image.sh --train                  # the training image (Dockerfile.train), fashion-mnist-train:dev
 #
-# 1. The base image the Dockerfile's FROM names (debian:bookworm-slim), when the engine lacks it:
-#    `debootstrap --variant=minbase bookworm`, trimmed like Debian's slim images, `docker import`ed
-#    under that exact name. The root filesystem tarball is cached in build/base/.
-# 2. A wheelhouse with every package of docker/requirements.txt and docker/requirements-train.txt,
+# 1. A wheelhouse with every package of docker/requirements.txt and docker/requirements-train.txt,
 #    fetched (or, for source-only packages, built) by this host's pip, which reaches the indexes;
 #    the images install from it with --no-index. The host must therefore run CPython 3.11 on
 #    linux x86_64, like the images. Cached in build/wheelhouse/ until a requirements file changes.
+#    Fetched in the background while step 2 runs: neither needs the other, and both take seconds.
+# 2. The base image the Dockerfile's FROM names (debian:bookworm-slim), when the engine lacks it:
+#    `debootstrap --variant=minbase bookworm`, trimmed like Debian's slim images, `docker import`ed
+#    under that exact name. The root filesystem tarball is cached in build/base/.
 # 3. `docker build --build-arg WHEELS=local`; the image the tag named before is removed once
 #    nothing else uses it, so rebuilds do not pile up untagged images.
 # With internet access, `docker build .` does the same with Docker Hub and the indexes
-# (docs/deploy.md). Needs a running engine (scripts/ensure_dockerd.sh) and, for step 1, root.
+# (docs/deploy.md). Needs a running engine (scripts/ensure_dockerd.sh) and, for step 2, root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,7 +64,39 @@ if ! docker info >/dev/null 2>&1; then
     exit 1
 fi
 
-# --- 1. base image ------------------------------------------------------------------------------
+# --- 1. wheelhouse (in the background) ----------------------------------------------------------
+wheels=build/wheelhouse
+want=$(cat docker/requirements.txt docker/requirements-train.txt | sha256sum | cut -d' ' -f1)
+fetch_wheels() {
+    say "fetching the wheels of docker/requirements*.txt into $wheels"
+    rm -rf "$wheels" "$wheels.tmp"
+    # --no-deps: the requirements pin every package, and the offline install in the image fails
+    # loudly if one is missing.
+    "$python" -m pip wheel --quiet --no-deps -r docker/requirements.txt -r docker/requirements-train.txt \
+        --wheel-dir "$wheels.tmp" ||
+        {
+            echo "build_image.sh: pip wheel failed. torch==2.13.0+cpu comes from" \
+                "https://download.pytorch.org/whl/cpu: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu $0" >&2
+            exit 1
+        }
+    echo "$want" >"$wheels.tmp/.requirements.sha256"
+    mv "$wheels.tmp" "$wheels"
+}
+wheels_pid=""
+if [[ -f $wheels/.requirements.sha256 && $(cat "$wheels/.requirements.sha256") == "$want" ]]; then
+    say "wheelhouse $wheels up to date"
+else
+    host=$("$python" -c 'import platform, sys; print(sys.implementation.name, *sys.version_info[:2], platform.system(), platform.machine())')
+    if [[ $host != "cpython 3 11 Linux x86_64" ]]; then
+        echo "build_image.sh: the wheelhouse needs CPython 3.11 on Linux x86_64 (the images'), this is $host;" \
+            "set PYTHON, or build with internet access: docker build ." >&2
+        exit 1
+    fi
+    fetch_wheels &
+    wheels_pid=$!
+fi
+
+# --- 2. base image ------------------------------------------------------------------------------
 base=$(sed -n 's/^FROM \([^ ]*\) AS venv$/\1/p' "$dockerfile")
 base_tar=build/base/bookworm-minbase.tar
 
@@ -126,31 +159,8 @@ else
         --change 'CMD ["bash"]' "$base_tar" "$base" >/dev/null
 fi
 
-# --- 2. wheelhouse ------------------------------------------------------------------------------
-wheels=build/wheelhouse
-want=$(cat docker/requirements.txt docker/requirements-train.txt | sha256sum | cut -d' ' -f1)
-if [[ -f $wheels/.requirements.sha256 && $(cat "$wheels/.requirements.sha256") == "$want" ]]; then
-    say "wheelhouse $wheels up to date"
-else
-    host=$("$python" -c 'import platform, sys; print(sys.implementation.name, *sys.version_info[:2], platform.system(), platform.machine())')
-    if [[ $host != "cpython 3 11 Linux x86_64" ]]; then
-        echo "build_image.sh: the wheelhouse needs CPython 3.11 on Linux x86_64 (the images'), this is $host;" \
-            "set PYTHON, or build with internet access: docker build ." >&2
-        exit 1
-    fi
-    say "fetching the wheels of docker/requirements*.txt into $wheels"
-    rm -rf "$wheels" "$wheels.tmp"
-    # --no-deps: the requirements pin every package, and the offline install in the image fails
-    # loudly if one is missing.
-    "$python" -m pip wheel --quiet --no-deps -r docker/requirements.txt -r docker/requirements-train.txt \
-        --wheel-dir "$wheels.tmp" ||
-        {
-            echo "build_image.sh: pip wheel failed. torch==2.13.0+cpu comes from" \
-                "https://download.pytorch.org/whl/cpu: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu $0" >&2
-            exit 1
-        }
-    echo "$want" >"$wheels.tmp/.requirements.sha256"
-    mv "$wheels.tmp" "$wheels"
+if [[ -n $wheels_pid ]] && ! wait "$wheels_pid"; then
+    exit 1  # fetch_wheels said why
 fi
 
 # --- 3. image -----------------------------------------------------------------------------------
