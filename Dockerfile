@@ -30,7 +30,11 @@ RUN apt-get update \
 # scripts/build_image.sh fills on the host. The [d] glob lets this COPY succeed without build/
 # (a clean clone): both the legacy builder and BuildKit accept a wildcard that matches nothing.
 ARG WHEELS=index
-COPY docker/install_venv.sh docker/requirements.txt buil[d]/wheelhouse /tmp/wheels/
+COPY docker/install_venv.sh docker/requirements.txt docker/requirements-train.txt buil[d]/wheelhouse /tmp/wheels/
+# torch alone first, in a layer of its own: these instructions are the same in Dockerfile and
+# Dockerfile.train, so the image built second finds that layer (most of its size) cached.
+RUN /tmp/wheels/install_venv.sh "$WHEELS" /tmp/wheels/requirements.txt torch
+# hadolint ignore=DL3059
 RUN /tmp/wheels/install_venv.sh "$WHEELS" /tmp/wheels/requirements.txt
 
 FROM system AS runtime
