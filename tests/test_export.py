@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from handler.meta import MODEL_NAME, ModelMeta
 from training import export as export_mod
+from training.checkpoint import load_checkpoint
 from training.data import CLASSES, load_split
 from training.evaluate import (
     classification_report,
@@ -128,6 +130,41 @@ def test_export_cli_failure_keeps_previous_export(tmp_path: Path, export_dir: Pa
     assert export_mod.main(["--run", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"{export_mod.PROG}: error: {tmp_path / 'nope'}")
     assert (out / "model.pt").read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda ckpt: ckpt.write_bytes(b"not a checkpoint"), id="garbage"),
+        pytest.param(lambda ckpt: ckpt.write_bytes(ckpt.read_bytes()[:4096]), id="truncated"),
+        pytest.param(lambda ckpt: torch.save({"state_dict": {}}, ckpt), id="not-from-training"),
+    ],
+)
+def test_export_of_a_damaged_checkpoint_is_a_clear_error(
+    damage, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    damage(run / "checkpoints" / "best.ckpt")
+    assert export_mod.main(["--run", str(run), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    ckpt = run / "checkpoints" / "best.ckpt"
+    assert err.startswith(f"{export_mod.PROG}: error: {ckpt} is not a readable training checkpoint"), err
+    assert "python -m training.train" in err and "Traceback" not in err
+    assert not (tmp_path / "model").exists()
+
+
+def test_checkpoint_loads_as_lightning_loads_it(trained_run: Path) -> None:
+    """training.checkpoint reads without Lightning exactly the network Lightning's own loader restores."""
+    from training.train import FashionClassifier
+
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    net, spec = load_checkpoint(ckpt)
+    module = FashionClassifier.load_from_checkpoint(str(ckpt), map_location="cpu")
+    assert spec == module.spec and not net.training
+    theirs = module.net.state_dict()
+    assert net.state_dict().keys() == theirs.keys()
+    assert all(torch.equal(tensor, theirs[name]) for name, tensor in net.state_dict().items())
 
 
 def test_classification_report_counts() -> None:

@@ -43,10 +43,10 @@ from handler.monitor import reference_histograms
 from handler.preprocess import PreprocessSpec, normalize
 from handler.variants import torchscript_quietly
 from model import count_parameters, model_version, weights_digest
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.cli import EXIT_USAGE, EXPORT_DIR, REPO_ROOT, RUN_ROOT, StageError, repo_path, run_stage
 from training.data import CLASSES, dvc_data_hash, load_split
 from training.evaluate import predict_logits
-from training.train import FashionClassifier
 
 PROG = "python -m training.export"
 
@@ -160,10 +160,12 @@ def export(run: Path, out: Path, version: str | None = None, data_root: Path | N
     ckpt, cfg_path = resolve_run(run)
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
     data_root = data_root or repo_path(cfg["data"]["root"])
-    module = FashionClassifier.load_from_checkpoint(str(ckpt), map_location="cpu")
+    try:
+        net, spec = load_checkpoint(ckpt)
+    except CheckpointError as exc:
+        raise ExportError(str(exc), exit_code=EXIT_USAGE) from exc
     # Plain NCHW weights: the layout every loader and torch version expects.
-    eager = module.net.to(memory_format=torch.contiguous_format).eval()
-    spec: PreprocessSpec = module.spec
+    eager = net.to(memory_format=torch.contiguous_format).eval()
 
     test, val, train = (load_split(data_root, split) for split in ("test", "val", "train"))
     out.parent.mkdir(parents=True, exist_ok=True)

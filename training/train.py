@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from handler.preprocess import PreprocessSpec, normalize
-from model import FashionCNN
+from training.checkpoint import build_net
 from training.cli import EXIT_USAGE, StageError, repo_path
 from training.config import CONFIG_DIR, DataConfig, ModelConfig, TrainerConfig, register_configs
 from training.data import CLASSES, MANIFEST, load_split, prepare
@@ -112,15 +112,7 @@ class FashionClassifier(L.LightningModule):
         self.model_cfg = ModelConfig(**model)
         self.trainer_cfg = TrainerConfig(**trainer)
         self.spec = PreprocessSpec.from_meta(preprocess)
-        self.net = FashionCNN(
-            num_classes=len(CLASSES),
-            width=self.model_cfg.width,
-            depth=self.model_cfg.depth,
-            dropout=self.model_cfg.dropout,
-            hidden=self.model_cfg.hidden,
-            stem_convs=self.model_cfg.stem_convs,
-            flip_tta=self.model_cfg.flip_tta,
-        )
+        self.net = build_net(self.model_cfg)  # its parameters under "net." (training.checkpoint)
         # Counts correct and total on each rank and sums both across ranks at epoch end, so the
         # validation accuracy of a distributed run is that of the whole validation set.
         self.val_acc = MulticlassAccuracy(num_classes=len(CLASSES), average="micro")
