@@ -49,8 +49,9 @@ def load_checkpoint(path: Path) -> tuple[FashionCNN, PreprocessSpec]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         hparams = ckpt["hyper_parameters"]
         net = build_net(ModelConfig(**hparams["model"]))
-        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(NET_PREFIX)}
-        net.load_state_dict({k.removeprefix(NET_PREFIX): v for k, v in state.items()})
+        net.load_state_dict(
+            {k.removeprefix(NET_PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(NET_PREFIX)}
+        )
         spec = PreprocessSpec.from_meta(hparams["preprocess"])
     # Whatever a damaged or foreign file raises: unpickling, zip, missing keys, shapes, field names.
     except Exception as exc:

@@ -165,7 +165,7 @@ def export(run: Path, out: Path, version: str | None = None, data_root: Path | N
     except CheckpointError as exc:
         raise ExportError(str(exc), exit_code=EXIT_USAGE) from exc
     # Plain NCHW weights: the layout every loader and torch version expects.
-    eager = net.to(memory_format=torch.contiguous_format).eval()
+    eager = net.to(memory_format=torch.contiguous_format)  # in eval mode already
 
     test, val, train = (load_split(data_root, split) for split in ("test", "val", "train"))
     out.parent.mkdir(parents=True, exist_ok=True)
