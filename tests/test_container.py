@@ -88,6 +88,38 @@ def test_build_script_refuses_bad_arguments_before_building(args: list[str], cod
     assert proc.returncode == code and message in proc.stderr, proc.stderr
 
 
+def torch_layer_instructions(dockerfile: str) -> list[str]:
+    """The venv stage's instructions up to torch's install: continuation lines joined, comments dropped."""
+    lines = (REPO / dockerfile).read_text(encoding="utf-8").replace("\\\n", " ").splitlines()
+    start = lines.index("FROM debian:bookworm-slim AS venv")
+    stage = [line for line in lines[start:] if line.strip() and not line.startswith("#")]
+    end = next(i for i, line in enumerate(stage) if line.startswith("RUN") and line.endswith(" torch"))
+    return stage[: end + 1]
+
+
+def test_both_images_build_the_same_torch_layer() -> None:
+    """The image built second finds torch's layer cached only if every instruction up to it matches."""
+    serving = torch_layer_instructions("Dockerfile")
+    assert serving == torch_layer_instructions("Dockerfile.train")
+    assert serving[-1] == 'RUN /tmp/wheels/install_venv.sh "$WHEELS" /tmp/wheels/requirements.txt torch'
+    # Read from the serving pins, torch must be the training image's too, or its second install replaces it.
+    pins = [
+        [line for line in (REPO / "docker" / name).read_text().splitlines() if line.startswith("torch==")]
+        for name in ("requirements.txt", "requirements-train.txt")
+    ]
+    assert pins[0] == pins[1] and len(pins[0]) == 1, pins
+
+
+def test_venv_install_refuses_a_package_the_requirements_do_not_pin(tmp_path: Path) -> None:
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("numpy==2.4.6\n")
+    proc = subprocess.run(
+        ["sh", str(REPO / "docker" / "install_venv.sh"), "local", str(requirements), "torch"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2 and f"{requirements} pins no 'torch'" in proc.stderr, proc.stderr
+
+
 @pytest.mark.container
 def test_image_fits_the_size_budget(image: str) -> None:
     size = int(docker("image", "inspect", "--format", "{{.Size}}", image).stdout)
