@@ -11,7 +11,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from training.cli import REPO_ROOT, StageError, repo_path, run_stage
-from training.config import TrainConfig
+from training.config import (
+    RANGES,
+    ConfigValueError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainerConfig,
+    check_ranges,
+)
 from training.data import DataError
 from training.train import CONFIG_DIR
 
@@ -72,3 +80,57 @@ def test_stage_errors_are_one_line_with_the_conventional_exit_code(error, code, 
 
     assert run_stage("python -m training.x", fail) == code
     assert capsys.readouterr().err == f"python -m training.x: error: {error}\n"
+
+
+# Numbers whose valid values depend on something else: val_size on the data (training.data checks it),
+# split_seed and seed take any integer.
+UNRANGED = {"data.val_size", "data.split_seed"}
+
+
+def test_every_number_in_the_config_has_a_range() -> None:
+    numbers = {
+        f"{section}.{f.name}"
+        for section, schema in (("data", DataConfig), ("model", ModelConfig), ("trainer", TrainerConfig))
+        for f in dataclasses.fields(schema)
+        if f.type in ("int", "float")
+    }
+    assert numbers - UNRANGED == set(RANGES), "give each new number a Range in training/config.py:RANGES"
+
+
+@pytest.mark.parametrize(
+    "preset", ["", "experiment=accurate", "experiment=smoke", "experiment=tuned", "trainer=ddp"]
+)
+def test_the_defaults_and_every_preset_are_in_range(preset: str) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        check_ranges(compose("train", overrides=[preset] if preset else []))
+
+
+def _outside(key: str) -> list[float]:
+    allowed = RANGES[key]
+    values = [allowed.low if allowed.low_open else allowed.low - 1]
+    if allowed.high != float("inf"):
+        values.append(allowed.high if allowed.high_open else allowed.high + 1)
+    return values
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_a_value_out_of_range_is_a_usage_error_naming_the_key_its_range_and_default(key: str) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for value in _outside(key):
+            cfg = compose("train", overrides=[f"{key}={value:g}"])
+            with pytest.raises(ConfigValueError) as err:
+                check_ranges(cfg)
+            default = OmegaConf.select(OmegaConf.structured(TrainConfig), key)
+            assert f"{key}=" in str(err.value) and f"must be {RANGES[key]}; default {default})" in str(
+                err.value
+            )
+            assert err.value.exit_code == 2
+
+
+def test_train_refuses_out_of_range_values_before_it_writes_anything(compose_cfg, tmp_path: Path) -> None:
+    from training.train import train
+
+    cfg = compose_cfg("model.dropout=1", "trainer.lr=0", "logger=csv", f"data.root={tmp_path / 'data'}")
+    with pytest.raises(ConfigValueError, match=r"model\.dropout=1\.0 .*trainer\.lr=0\.0 "):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()

@@ -8,12 +8,13 @@ validates every value against these dataclasses, so a typo such as `trainer.max_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from training.cli import REPO_ROOT, repo_path
+from training.cli import EXIT_USAGE, REPO_ROOT, StageError, repo_path
 
 CONFIG_DIR = str(REPO_ROOT / "configs")
 
@@ -91,6 +92,74 @@ class TrainConfig:
     seed: int = 42
     run_root: str = "outputs/train"
     export_dir: str | None = None  # when set, rank 0 exports the best checkpoint here after training
+
+
+class ConfigValueError(StageError):
+    """A config value has the right type but is out of range (Hydra checks only the type)."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: from `low` to `high`, each end included unless marked open."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+# Checked before anything starts, so a bad override is one line naming the fix, not a traceback from
+# deep inside torch or Lightning minutes into a run. data.val_size is checked against the data itself.
+RANGES = {
+    "data.batch_size": Range(1),
+    "data.eval_batch_size": Range(1),
+    "data.num_workers": Range(0),
+    "data.prefetch_factor": Range(1),
+    "data.max_shift": Range(0),
+    "model.width": Range(1),
+    "model.depth": Range(1),
+    "model.hidden": Range(1),
+    "model.stem_convs": Range(1, 2),
+    "model.dropout": Range(0, 1, high_open=True),
+    "trainer.max_epochs": Range(1),
+    "trainer.lr": Range(0, low_open=True),
+    "trainer.weight_decay": Range(0),
+    "trainer.label_smoothing": Range(0, 1, high_open=True),
+    "trainer.threads": Range(1),
+    "trainer.limit_train_batches": Range(0, low_open=True),
+    "trainer.limit_val_batches": Range(0),
+    "trainer.log_every_n_steps": Range(1),
+    "trainer.devices": Range(1),
+    "trainer.num_nodes": Range(1),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Raise ConfigValueError naming every value outside RANGES, with its allowed range and default."""
+    defaults = OmegaConf.structured(TrainConfig)
+    wrong = [
+        f"{key}={OmegaConf.select(cfg, key)} (must be {allowed}; default {OmegaConf.select(defaults, key)})"
+        for key, allowed in RANGES.items()
+        if OmegaConf.select(cfg, key) not in allowed
+    ]
+    if wrong:
+        raise ConfigValueError(
+            f"out of range: {', '.join(wrong)}. Fix the override on the command line, or the value in"
+            " configs/ (params.yaml for the DVC pipeline)"
+        )
 
 
 def register_configs() -> None:

@@ -50,7 +50,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from handler.preprocess import PreprocessSpec, normalize
 from training.checkpoint import build_net
 from training.cli import EXIT_USAGE, StageError, repo_path
-from training.config import CONFIG_DIR, DataConfig, ModelConfig, TrainerConfig, register_configs
+from training.config import (
+    CONFIG_DIR,
+    DataConfig,
+    ModelConfig,
+    TrainerConfig,
+    check_ranges,
+    register_configs,
+)
 from training.data import CLASSES, MANIFEST, load_split, prepare
 from training.loading import make_loader
 
@@ -268,6 +275,7 @@ def train(
     training.tune passes Optuna's pruning callback, and `max_seconds`: a wall-time budget after which
     training stops. Every process of a distributed run calls this; only global rank 0 writes into run_dir.
     """
+    check_ranges(cfg)
     datamodule, module = build(cfg)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max", save_top_k=1
