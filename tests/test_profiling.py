@@ -64,6 +64,7 @@ def test_training_comparison_times_both_configs_in_turns(tiny_data_root: Path, t
         (["data.root=/nonexistent/profile-data"], "python -m training.data --out /nonexistent/profile-data"),
         (["model.widht=3"], "bad override"),
         (["trainer=ddp"], "without trainer=ddp"),
+        (["model.width=0"], "model.width=0 (must be >= 1; default 32)"),
     ],
 )
 def test_training_profile_refuses_what_it_cannot_run_with_the_fix(

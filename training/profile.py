@@ -46,7 +46,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from training.cli import EXIT_USAGE, REPORTS_DIR, StageError, repo_path, run_stage
-from training.config import CONFIG_DIR, register_configs
+from training.config import CONFIG_DIR, check_ranges, register_configs
 from training.data import MANIFEST
 
 PROG = "python -m training.profile"
@@ -153,7 +153,8 @@ class StepTimer(Callback):
 
 
 def check_config(cfg: DictConfig) -> None:
-    """One process, and processed data present: say what to run instead of failing inside the fit."""
+    """Values in range, one process, and processed data present: say what to fix before the fit starts."""
+    check_ranges(cfg)
     if cfg.trainer.devices * cfg.trainer.num_nodes != 1:
         raise StageError(
             "the profiler records one process: profile without trainer=ddp "

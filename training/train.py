@@ -254,6 +254,7 @@ def build(cfg: DictConfig) -> tuple[FashionDataModule, FashionClassifier]:
 
     Training and `python -m training.profile` both start here, so the profile runs what training runs.
     """
+    check_ranges(cfg)
     torch.set_num_threads(cfg.trainer.threads)
     torch.utils.deterministic.fill_uninitialized_memory = cfg.trainer.fill_uninitialized_memory
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -275,7 +276,6 @@ def train(
     training.tune passes Optuna's pruning callback, and `max_seconds`: a wall-time budget after which
     training stops. Every process of a distributed run calls this; only global rank 0 writes into run_dir.
     """
-    check_ranges(cfg)
     datamodule, module = build(cfg)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max", save_top_k=1
