@@ -139,6 +139,19 @@ def test_failed_prepare_leaves_previous_outputs_intact(tmp_path: Path, idx_dir) 
     assert after == before, "a failed run must not touch the processed data"
 
 
+def test_an_output_place_that_cannot_be_written_is_a_clear_error(tmp_path: Path, idx_dir) -> None:
+    raw, sums = idx_dir
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("a file where the data directory should be")
+    with pytest.raises(
+        DataError,
+        match=r"/file/processed: cannot write the processed data \(Not a directory\); "
+        r"choose a writable directory with --out DIR",
+    ) as err:
+        prepare(not_a_dir, raw, val_size=60, seed=0, allow_download=False, checksums=sums)
+    assert err.value.exit_code == 2 and not_a_dir.read_text().startswith("a file")
+
+
 def test_second_prepare_is_a_no_op(tmp_path: Path, idx_dir) -> None:
     raw, sums = idx_dir
     out = tmp_path / "out"

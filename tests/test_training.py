@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
+from training.config import ConfigValueError
 from training.loading import augment
-from training.train import CONFIG_DIR, train
+from training.train import CONFIG_DIR, SettingsError, train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 SMOKE = ("experiment=smoke", "trainer.progress_bar=false")
@@ -49,6 +50,28 @@ def test_smoke_run_writes_checkpoint_metrics_config_and_wandb(compose_cfg, tiny_
     # The summary (and so the checkpoint export picks) is the best validation accuracy logged.
     logged = max(float(r["val/acc"]) for r in rows if r.get("val/acc"))
     assert summary["best_val_acc"] == pytest.approx(logged, abs=1e-6), (summary, logged)
+
+
+def test_fast_dev_run_checks_the_code_path_and_points_nothing_at_its_run(
+    compose_cfg, tiny_data_root, tmp_path
+) -> None:
+    """Lightning turns checkpoints and loggers off for fast_dev_run: no curves, no `latest`, no export."""
+    cfg = compose_cfg(
+        "trainer.fast_dev_run=true", "logger=csv", f"data.root={tiny_data_root}", "data.batch_size=16"
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert summary["epochs"] == 1 and (tmp_path / "run" / "summary.yaml").is_file()
+    assert not (tmp_path / "run" / "history.csv").exists() and not (tmp_path / "latest").exists()
+    with pytest.raises(ConfigValueError, match="saves no checkpoint, so export_dir has nothing to export"):
+        train(compose_cfg("trainer.fast_dev_run=true", f"export_dir={tmp_path}/x"), tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()
+
+
+def test_an_accelerator_whose_package_is_missing_is_a_settings_error(compose_cfg, tmp_path) -> None:
+    cfg = compose_cfg("trainer.accelerator=tpu", "logger=csv", f"data.root={tmp_path / 'data'}")
+    with pytest.raises(SettingsError, match=r"torch_xla.*trainer\.\* overrides") as err:
+        train(cfg, tmp_path / "run")
+    assert err.value.exit_code == 2
 
 
 def test_a_run_prints_none_of_the_notices_a_user_cannot_act_on(

@@ -294,26 +294,32 @@ def prepare(
         "val": (train_x[va], train_y[va]),
         "test": (arrays["t10k-images-idx3-ubyte.gz"], arrays["t10k-labels-idx1-ubyte.gz"]),
     }
-    processed.mkdir(parents=True, exist_ok=True)
-    # The manifest goes last and is removed first: its presence means the tensors are complete.
-    existing.unlink(missing_ok=True)
-    files = {}
-    for name, (x, y) in splits.items():
-        payload = {"images": torch.from_numpy(x.copy()), "labels": torch.from_numpy(y.astype(np.int64))}
-        _atomic_write(processed / f"{name}.pt", lambda tmp, p=payload: torch.save(p, tmp))
-        files[f"{name}.pt"] = _sha256(processed / f"{name}.pt")
-    manifest = {
-        "dataset": "fashion-mnist",
-        "source": source,
-        "raw_dir": str(raw_dir),
-        "checksums": sums,
-        "files": files,  # sha256 of each tensor file: readers refuse files changed since
-        "split": {"val_size": val_size, "seed": seed},
-        "counts": {name: len(y) for name, (_, y) in splits.items()},
-        "classes": CLASSES,
-        "prepare_seconds": round(time.perf_counter() - t0, 3),
-    }
-    _atomic_write(existing, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
+    try:
+        processed.mkdir(parents=True, exist_ok=True)
+        # The manifest goes last and is removed first: its presence means the tensors are complete.
+        existing.unlink(missing_ok=True)
+        files = {}
+        for name, (x, y) in splits.items():
+            payload = {"images": torch.from_numpy(x.copy()), "labels": torch.from_numpy(y.astype(np.int64))}
+            _atomic_write(processed / f"{name}.pt", lambda tmp, p=payload: torch.save(p, tmp))
+            files[f"{name}.pt"] = _sha256(processed / f"{name}.pt")
+        manifest = {
+            "dataset": "fashion-mnist",
+            "source": source,
+            "raw_dir": str(raw_dir),
+            "checksums": sums,
+            "files": files,  # sha256 of each tensor file: readers refuse files changed since
+            "split": {"val_size": val_size, "seed": seed},
+            "counts": {name: len(y) for name, (_, y) in splits.items()},
+            "classes": CLASSES,
+            "prepare_seconds": round(time.perf_counter() - t0, 3),
+        }
+        _atomic_write(existing, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
+    except OSError as exc:  # not a directory, read-only, disk full: the output place needs fixing
+        raise DataError(
+            f"{processed}: cannot write the processed data ({exc.strerror or exc}); choose a writable "
+            "directory with --out DIR (data.root=DIR in training)"
+        ) from exc
     return manifest
 
 

@@ -52,6 +52,7 @@ from training.checkpoint import build_net
 from training.cli import EXIT_USAGE, StageError, repo_path
 from training.config import (
     CONFIG_DIR,
+    ConfigValueError,
     DataConfig,
     ModelConfig,
     TrainerConfig,
@@ -276,6 +277,11 @@ def train(
     training.tune passes Optuna's pruning callback, and `max_seconds`: a wall-time budget after which
     training stops. Every process of a distributed run calls this; only global rank 0 writes into run_dir.
     """
+    if cfg.trainer.fast_dev_run and cfg.export_dir:
+        raise ConfigValueError(
+            "trainer.fast_dev_run=true runs one batch and saves no checkpoint, so export_dir has nothing to"
+            " export: drop one of the two"
+        )
     datamodule, module = build(cfg)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max", save_top_k=1
@@ -285,7 +291,8 @@ def train(
         callbacks.append(TQDMProgressBar(refresh_rate=20))
     try:
         trainer = _trainer(cfg, run_dir, callbacks, max_seconds)
-    except (ValueError, MisconfigurationException) as exc:
+    # ImportError: an accelerator whose package is missing (trainer.accelerator=tpu wants torch_xla).
+    except (ValueError, ImportError, MisconfigurationException) as exc:
         raise SettingsError(
             f"{exc} (set by the trainer.* overrides; configs/trainer/ holds the presets)"
         ) from exc
@@ -315,6 +322,10 @@ def train(
     if not trainer.is_global_zero:
         return summary
     OmegaConf.save(OmegaConf.create(summary), run_dir / "summary.yaml")
+    if cfg.trainer.fast_dev_run:
+        # Lightning ran one batch of each loader with checkpoints and loggers off: a check that the
+        # code runs, with no curves to write and no model for `latest` to point at.
+        return summary
     write_history(run_dir / "logs" / "metrics.csv", run_dir / "history.csv")
     _point_latest(run_dir)
     if cfg.export_dir:
@@ -336,6 +347,9 @@ def main(cfg: DictConfig) -> None:
         print(f"python -m training.train: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     if rank_zero_only.rank != 0:  # the other processes of a distributed run stay quiet
+        return
+    if cfg.trainer.fast_dev_run:
+        print(f"\nfast_dev_run: one training and one validation batch ran; nothing saved\nrun dir: {run_dir}")
         return
     next_step = (
         f"exported:   {repo_path(cfg.export_dir)}"
