@@ -82,6 +82,16 @@ def test_stage_errors_are_one_line_with_the_conventional_exit_code(error, code, 
     assert capsys.readouterr().err == f"python -m training.x: error: {error}\n"
 
 
+def test_a_path_that_cannot_be_written_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert run_stage("python -m training.x", lambda: (blocker / "out").mkdir(parents=True)) == 2
+    assert capsys.readouterr().err == (
+        f"python -m training.x: error: {blocker / 'out'}: Not a directory; check the path (and free space), "
+        "or give another\n"
+    )
+
+
 # Numbers whose valid values depend on something else: val_size on the data (training.data checks it),
 # split_seed and seed take any integer.
 UNRANGED = {"data.val_size", "data.split_seed"}

@@ -8,7 +8,8 @@ command-line flags are taken from the current directory, as usual.
 
 Exit codes: 0 success, 2 a usage or input problem the user fixes (a missing or damaged file, a bad
 flag), 1 a step that failed on good input (a parity check, the archiver). argparse already exits 2
-for bad flags; `StageError.exit_code` carries the choice for everything else.
+for bad flags; `StageError.exit_code` carries the choice for everything else, and a path that cannot be
+read or written (OSError) is an input problem too.
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ class StageError(Exception):
 
 
 def run_stage(prog: str, action: Callable[[], int | None]) -> int:
-    """Run a stage's main action; a StageError becomes one `prog: error: ...` line and its exit code."""
+    """Run a stage's main action; a StageError or OSError becomes one `prog: error: ...` line, exit 1 or 2."""
     try:
         return action() or 0
     except StageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # A path the stage could not read or write (a file where a directory belongs, no permission,
+        # a full disk): the place given is what needs fixing, so say which one, in one line.
+        where = exc.filename if exc.filename is not None else "a file"
+        fix = "check the path (and free space), or give another"
+        print(f"{prog}: error: {where}: {exc.strerror or exc}; {fix}", file=sys.stderr)
+        return EXIT_USAGE
