@@ -8,7 +8,7 @@ import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 
-from training.config import CONFIG_DIR, register_configs
+from training.config import CONFIG_DIR, ConfigValueError, register_configs
 from training.tune import baseline, outside_space, tune
 
 GOOD = {"trainer.lr": 3e-3, "model.width": 24, "model.depth": 1, "model.dropout": 0.1}
@@ -54,6 +54,13 @@ def test_study_completes_resumes_prunes_and_writes_a_preset(base, tmp_path) -> N
         cfg = compose("train", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "experiment=study_best"])
     best = resumed.best_trial.params
     assert cfg.model.width == best["model.width"] and cfg.trainer.lr == pytest.approx(best["trainer.lr"])
+
+
+def test_a_base_override_out_of_range_stops_the_study_before_it_starts(base, tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with pytest.raises(ConfigValueError, match=r"trainer\.max_epochs=0 \(must be >= 1"):
+        tune(1, 60, storage=storage, base=[*base, "trainer.max_epochs=0"], run_root=tmp_path / "runs")
+    assert not (tmp_path / "study.db").exists() and not (tmp_path / "runs").exists()
 
 
 def test_a_baseline_outside_the_search_space_is_named_not_enqueued() -> None:

@@ -46,7 +46,7 @@ from optuna.distributions import (
 from optuna_integration.pytorch_lightning import PyTorchLightningPruningCallback
 
 from training.cli import StageError
-from training.config import CONFIG_DIR, register_configs
+from training.config import CONFIG_DIR, check_ranges, register_configs
 from training.train import train
 
 MONITOR = "val/acc"
@@ -183,6 +183,7 @@ def tune(
     A new study starts with the hand-picked config as trial 0, so every later trial is measured
     against the defaults under the same budget; `enqueue` adds fixed trials after it.
     """
+    check_ranges(compose_trial(base, {}))  # a bad base override fails now, not in trial 0
     if storage is None:
         run_root.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{run_root / study_name}.db"
