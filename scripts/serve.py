@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from serving import MODEL_NAME
 from serving.client import Client, KeyRefused, RequestFailed, archive_identity, deploy
@@ -218,6 +219,20 @@ def env_port(name: str) -> int:
         raise InputError(f"{variable} must be a port number, got {raw!r}") from None
 
 
+def server_url(value: str) -> str:
+    """argparse type: an http(s) URL with a host, so a typo is a usage error, not a requests traceback."""
+    parts = urlsplit(value)
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # the port is not a number from 0 to 65535
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a server URL; give one like http://127.0.0.1:8080"
+        )
+    return value.rstrip("/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scripts.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -228,8 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, default=Path(os.environ.get("FASHION_SERVE_STATE_DIR", DEFAULT_STATE_ROOT)),
         help="where instance directories live (env FASHION_SERVE_STATE_DIR, default: .serve/ in the repo)",
     )  # fmt: skip
-    parser.add_argument("--inference-url", help="talk to this server instead of the instance's")
-    parser.add_argument("--management-url", help="talk to this server instead of the instance's")
+    parser.add_argument(
+        "--inference-url", type=server_url, help="talk to this server instead of the instance's"
+    )
+    parser.add_argument(
+        "--management-url", type=server_url, help="talk to this server instead of the instance's"
+    )
     parser.add_argument("--key-file", help="TorchServe key_file.json (default: the instance's)")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -185,8 +185,21 @@ def test_register_explains_an_archive_outside_the_store(server: Instance, archiv
         (["start", "--model-store", "no/such/store"], "does not exist: build the archive"),
         (["deploy", "no/such/fashion_mnist.mar"], "does not exist: build it with `python -m archive.build`"),
         (["frobnicate"], "invalid choice"),
+        (
+            ["--inference-url", "localhost:8080", "predict", "x.png"],
+            "is not a server URL; give one like http://",
+        ),
+        (["--management-url", "http://127.0.0.1:http", "status"], "is not a server URL"),
     ],
-    ids=["missing-image", "bad-worker-range", "missing-store", "missing-archive", "unknown-command"],
+    ids=[
+        "missing-image",
+        "bad-worker-range",
+        "missing-store",
+        "missing-archive",
+        "unknown-command",
+        "url-without-scheme",
+        "url-with-a-bad-port",
+    ],
 )
 def test_bad_input_exits_2_with_the_fix(tmp_path: Path, args: list[str], message: str) -> None:
     done = serve_cli(*on(Instance("input", tmp_path), *args))
