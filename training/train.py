@@ -49,7 +49,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from handler.preprocess import PreprocessSpec, normalize
 from training.checkpoint import build_net
-from training.cli import EXIT_USAGE, StageError, repo_path
+from training.cli import EXIT_USAGE, StageError, repo_path, run_stage
 from training.config import (
     CONFIG_DIR,
     ConfigValueError,
@@ -341,11 +341,14 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        summary = train(cfg, run_dir)
-    except StageError as exc:  # bad data or settings (exit 2), or a failed export_dir export (exit 1)
-        print(f"python -m training.train: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    # Bad data or settings, or a path it cannot write (exit 2), or a failed export_dir export (exit 1):
+    # one line, as every other stage answers them.
+    if code := run_stage("python -m training.train", lambda: report(cfg, run_dir, train(cfg, run_dir))):
+        sys.exit(code)
+
+
+def report(cfg: DictConfig, run_dir: Path, summary: dict) -> None:
+    """What a finished run prints: where it is, and the next command."""
     if rank_zero_only.rank != 0:  # the other processes of a distributed run stay quiet
         return
     if cfg.trainer.fast_dev_run:
