@@ -149,13 +149,14 @@ RANGES = {
 
 def check_ranges(cfg: DictConfig) -> None:
     """Raise ConfigValueError naming every value outside RANGES, with its allowed range and default."""
-    defaults = OmegaConf.structured(TrainConfig)
-    wrong = [
-        f"{key}={OmegaConf.select(cfg, key)} (must be {allowed}; default {OmegaConf.select(defaults, key)})"
-        for key, allowed in RANGES.items()
-        if OmegaConf.select(cfg, key) not in allowed
-    ]
-    if wrong:
+    values = {key: OmegaConf.select(cfg, key) for key in RANGES}
+    bad = [key for key, allowed in RANGES.items() if values[key] not in allowed]
+    if bad:
+        defaults = OmegaConf.structured(TrainConfig)
+        wrong = [
+            f"{key}={values[key]} (must be {RANGES[key]}; default {OmegaConf.select(defaults, key)})"
+            for key in bad
+        ]
         raise ConfigValueError(
             f"out of range: {', '.join(wrong)}. Fix the override on the command line, or the value in"
             " configs/ (params.yaml for the DVC pipeline)"
