@@ -71,16 +71,32 @@ def test_split_is_deterministic_on_disk(tmp_path: Path, idx_dir) -> None:
 
 def test_missing_data_lists_every_source_and_the_fixes(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
-        data_mod.locate(tmp_path / "nope", debian_dir=tmp_path / "no-debian", allow_download=False)
+        data_mod.locate(None, debian_dir=tmp_path / "no-debian", allow_download=False)
     text = str(info.value)
     for expected in (
-        "--source-dir",
+        "--source-dir DIR",
         "no-debian",
         "download",
         "apt-get install dataset-fashion-mnist",
         "internet",
     ):
         assert expected in text
+
+
+def test_an_explicit_source_dir_without_the_files_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    # The Debian copy is complete, yet a named directory that lacks files must not quietly be swapped
+    # for it: the user meant other data.
+    write_idx_set(tmp_path / "debian")
+    (tmp_path / "mine").mkdir()
+    write_idx_set(tmp_path / "full")
+    (tmp_path / "full" / "t10k-labels-idx1-ubyte.gz").rename(tmp_path / "mine" / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(DataError) as info:
+        data_mod.locate(tmp_path / "mine", debian_dir=tmp_path / "debian", download_root=tmp_path / "dl")
+    text = str(info.value)
+    assert f"--source-dir {tmp_path / 'mine'}" in text and "dataset-fashion-mnist" in text
+    missing = text.split("missing ")[1].split(" there")[0]
+    assert missing == "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz"
+    assert not (tmp_path / "dl").exists(), "nothing may be downloaded in its place"
 
 
 def test_download_failure_is_reported_with_the_other_sources(tmp_path: Path) -> None:

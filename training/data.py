@@ -5,7 +5,8 @@
     python -m training.data --out data --val-size 5000 --seed 0
     python -m training.data --samples data/samples --count 10   # PNGs of real test images to query
 
-Sources are tried in order: an explicit directory, the Debian package
+An explicit directory is the only source used when one is given (a typo there is an
+error, not a quiet switch to other data); otherwise the Debian package
 `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), then torchvision's
 download. Every file is checked against the published md5. Outputs are written
 atomically (temp file + rename) and a manifest records source, checksums and counts;
@@ -175,14 +176,19 @@ def locate(
     allow_download: bool = True,
     download_root: Path = DATA_DIR / "raw",
 ) -> tuple[Path, str]:
-    """Return (raw_dir, source_name) from the first source that has all four files."""
-    tried: list[str] = []
-    debian_dir = DEBIAN_DIR if debian_dir is None else debian_dir
+    """Return (raw_dir, source_name): `source_dir` when given, else the first source with all four files."""
     if source_dir is not None:
         found = find_raw_dir(source_dir)
         if found:
             return found, f"directory {source_dir}"
-        tried.append(f"--source-dir {source_dir}: the four *-ubyte.gz files are not there")
+        missing = [name for name in MD5 if not (source_dir / name).is_file()]
+        raise DataError(
+            f"Fashion-MNIST not found in --source-dir {source_dir} (data.source_dir in training): missing "
+            f"{', '.join(missing)} there (and under FashionMNIST/raw in it). Put the four files there, or "
+            f"leave the option out to use the Debian package {DEBIAN_PACKAGE} or a download."
+        )
+    tried: list[str] = []
+    debian_dir = DEBIAN_DIR if debian_dir is None else debian_dir
     found = find_raw_dir(debian_dir)
     if found:
         return found, f"Debian package {DEBIAN_PACKAGE}"
