@@ -129,6 +129,18 @@ def test_cli_run_with_overrides(tiny_data_root, tmp_path) -> None:
     assert "next:       python -m training.export" in proc.stdout
 
 
+def test_cli_run_root_that_cannot_be_created_is_a_clear_error(tmp_path) -> None:
+    # Hydra makes the run directory before the project's code runs; its traceback was the answer.
+    (tmp_path / "a-file").write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", *SMOKE, f"run_root={tmp_path}/a-file/runs"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"run_root={tmp_path}/a-file/runs: Not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_cli_missing_data_is_a_clear_error(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "training.train", *SMOKE, f"data.root={tmp_path}/d",

@@ -9,9 +9,12 @@ validates every value against these dataclasses, so a typo such as `trainer.max_
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from training.cli import EXIT_USAGE, REPO_ROOT, StageError, repo_path
@@ -161,6 +164,24 @@ def check_ranges(cfg: DictConfig) -> None:
             f"out of range: {', '.join(wrong)}. Fix the override on the command line, or the value in"
             " configs/ (params.yaml for the DVC pipeline)"
         )
+
+
+class RunRootCheck(Callback):
+    """Refuse a `run_root` that cannot be created, in one line with exit 2 (configs/train.yaml's callback).
+
+    Hydra creates the run directory before any of the project's code runs, so a bad run_root (a path
+    through a file, a read-only place) ended in Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            repo_path(config.run_root).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(
+                f"python -m training.train: error: run_root={config.run_root}: {exc.strerror}; give a"
+                " directory that can be created, or leave run_root at its default (outputs/train)",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_USAGE)
 
 
 def register_configs() -> None:
