@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from training.cli import EXIT_USAGE, REPO_ROOT, StageError, repo_path
+from training.cli import EXIT_USAGE, REPO_ROOT, StageError, repo_path, run_stage
 
 CONFIG_DIR = str(REPO_ROOT / "configs")
 
@@ -173,15 +173,19 @@ class RunRootCheck(Callback):
     through a file, a read-only place) ended in Hydra's traceback."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            repo_path(config.run_root).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            print(
-                f"python -m training.train: error: run_root={config.run_root}: {exc.strerror}; give a"
-                " directory that can be created, or leave run_root at its default (outputs/train)",
-                file=sys.stderr,
-            )
-            sys.exit(EXIT_USAGE)
+        # run_stage prints the one line, as it does for every stage's errors.
+        if code := run_stage("python -m training.train", lambda: make_run_root(config.run_root)):
+            sys.exit(code)
+
+
+def make_run_root(run_root: str) -> None:
+    try:
+        repo_path(run_root).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigValueError(
+            f"run_root={run_root}: {exc.strerror}; give a directory that can be created, or leave"
+            " run_root at its default (outputs/train)"
+        ) from exc
 
 
 def register_configs() -> None:
