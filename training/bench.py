@@ -217,16 +217,16 @@ label smoothing (0.1), so its curve sits higher than the default's.
   AdamW decouples the decay from the gradient, so each step shrinks the weights by learning rate x
   decay: over a whole one-cycle run the decay alone would shrink them by about 0.3% at the default 5e-4,
   and by about 25% at 0.05. Seeded runs with 2 threads (2026-12-02): decay 0.05 for 20 epochs reached
-  0.9459 test accuracy (0.9504 validation), for 18 epochs 0.9453 (0.9488, the row above); decay 0.1 for
+  0.9459 test accuracy (0.9504 validation), for 18 epochs 0.9453 (0.9488); decay 0.1 for
   17 epochs 0.9444 (0.9474). With decay 5e-4 the same model sat at 0.9436 to 0.9448 after 20 epochs,
   whatever else changed (below), and at 0.9440 after 17.
-- Time: the row's run trained its 18 epochs at 68 s each, 20.4 minutes, just over the 20-minute goal.
-  The same run at 14:25 took 21.7 minutes at 72 s per epoch, and a repeat started at 14:49 ran at about
-  80 s per epoch (stopped after 7 epochs). All three had the same validation accuracies epoch for epoch:
-  the runs are deterministic. Earlier the same day this host ran the same model at 53 to 60 s per epoch,
-  which puts 18 epochs at 16 to 18 minutes, and at 06:48 at 90 s. The host's speed varies by up to 1.7x
-  over a day, so the time half of the goal is met or missed by the hour of the run; the accuracy half
-  holds at any hour.
+- Time: this script's run at 15:19 trained the 18 epochs at 68 s each, 20.4 minutes, just over the
+  20-minute goal. The same run at 14:25 took 21.7 minutes at 72 s per epoch, and a repeat started at
+  14:49 ran at about 80 s per epoch (stopped after 7 epochs). All three had the same validation
+  accuracies epoch for epoch: the runs are deterministic. Earlier the same day this host ran the same
+  model at 53 to 60 s per epoch, which puts 18 epochs at 16 to 18 minutes, and at 06:48 at 90 s. The
+  host's speed varies by up to 1.7x over a day, so the time half of the goal is met or missed by the
+  hour of the run; the accuracy half holds at any hour.
 - Measured one core per run (1 thread, seeded, decay 5e-4): with a one-conv stem, about 1.6x the
   images/s, the accurate model reached 0.9384 test accuracy (0.9398 with the mirror average), and
   0.9366 / 0.9378 at width 24.
