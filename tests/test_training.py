@@ -13,9 +13,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from training import train as train_module
 from training.config import ConfigValueError
 from training.loading import augment
-from training.train import CONFIG_DIR, SettingsError, train
+from training.train import CONFIG_DIR, SettingsError, native_bf16, resolve_precision, train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 SMOKE = ("experiment=smoke", "trainer.progress_bar=false")
@@ -99,6 +100,34 @@ def test_same_seed_same_validation_accuracy(compose_cfg, tiny_data_root, tmp_pat
     wa = torch.load(tmp_path / "a/checkpoints/best.ckpt", weights_only=False)["state_dict"]
     wb = torch.load(tmp_path / "b/checkpoints/best.ckpt", weights_only=False)["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "same seed must give identical weights"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(train_module, "native_bf16", lambda accelerator: native)
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if native else "32-true")
+    # Explicit values are Lightning's to check, whatever the hardware.
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch) -> None:
+    for amx, avx512_bf16 in [(True, False), (False, True), (False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=avx512_bf16: b)
+        assert native_bf16("cpu") is (amx or avx512_bf16)
+    # A torch without the private helpers counts as no bf16, not as a crash.
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert native_bf16("cpu") is False
+
+
+def test_a_run_with_precision_auto_saves_what_it_chose(compose_cfg, tiny_data_root, tmp_path) -> None:
+    cfg = compose_cfg(*SMOKE, f"data.root={tiny_data_root}", "data.batch_size=16", "trainer.precision=auto")
+    train(cfg, tmp_path / "run")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == ("bf16-mixed" if native_bf16("cpu") else "32-true")
+    assert cfg.trainer.precision == "auto", "the caller's config must not be changed"
 
 
 def test_augment_keeps_shape_dtype_and_pixel_values() -> None:

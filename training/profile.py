@@ -174,11 +174,11 @@ def steps_only(cfg: DictConfig, steps: int, callback: Callback, out: Path) -> An
     """A Lightning Trainer with `cfg`'s settings that runs `steps` training steps and nothing else."""
     import lightning as L
 
-    from training.train import TRAINER_ARGS
+    from training.train import trainer_settings
 
     # max_steps over as many epochs as needed (a small data set has few batches per epoch); no
     # validation, checkpoint or logger: they are not part of a training step.
-    args = {name: cfg.trainer[name] for name in TRAINER_ARGS}
+    args = trainer_settings(cfg)
     args |= {"max_epochs": -1, "limit_train_batches": 1.0, "limit_val_batches": 0, "fast_dev_run": False}
     return L.Trainer(
         **args,
@@ -291,7 +291,10 @@ def profile(cfg: DictConfig, out: Path, steps: int, warmup: int, top: int = 25) 
 def write_summary(
     path: Path, cfg: DictConfig, summary: dict[str, Any], rows: Sequence[Any], top: int
 ) -> None:
+    from training.train import resolve_precision
+
     command = shlex.join([*PROG.split(), *sys.argv[1:]])
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     path.write_text(
         f"""# Training profile
 
@@ -299,7 +302,7 @@ def write_summary(
 torch threads, load average {", ".join(f"{x:.1f}" for x in os.getloadavg())}.
 Model width {cfg.model.width}, depth {cfg.model.depth}; batch size {cfg.data.batch_size};
 data.num_workers {cfg.data.num_workers}; augmentation {"on" if cfg.data.augment else "off"}; precision
-{cfg.trainer.precision}.
+{precision} (trainer.precision={cfg.trainer.precision}).
 
 | profiled steps | step time, median | step time, mean | waiting for the DataLoader | images/s |
 |---|---|---|---|---|
