@@ -55,3 +55,17 @@ def test_a_doc_without_the_markers_is_a_usage_error(tmp_path: Path) -> None:
         doc.read_text(encoding="utf-8")
         == "a\n<!-- bench_loading:begin -->\nnew\n<!-- bench_loading:end -->\nb\n"
     )
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_precision_verdict_names_what_auto_does_on_this_cpu(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(bench, "native_bf16", lambda accelerator: native)
+    results = [
+        {"precision": p, "batch": 256, "images_per_s": rate, "val_acc": 0.85, "load": 1.0}
+        for p, rate in (("32-true", 1000.0), ("bf16-mixed", 1900.0))
+    ]
+    text = bench.render_precision(results, 60, "python -m scripts.bench_precision")
+    assert "| `trainer.precision=bf16-mixed` | 1900 | 1.90x | 0.8500 |" in text
+    assert "bf16-mixed trained 1.90x the images/s of fp32 here" in text
+    expected = "trains in bf16-mixed on it" if native else "keeps fp32 on it"
+    assert expected in text and f"native bf16, AMX or AVX512-BF16: {'yes' if native else 'no'}" in text
